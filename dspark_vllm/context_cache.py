@@ -1,0 +1,64 @@
+"""Per-layer draft context K/V kept across rounds (DeepSpec's DynamicCache + crop, batched).
+
+Only *context* K/V (projections of fused target hidden states) live here; the block's own K/V
+are recomputed every round and never stored, so nothing needs rolling back after rejections.
+Rows are requests; each row has its own valid length, and the rest of its capacity is masked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ContextKVCache:
+    """K/V tensors [N, n_kv, capacity, d] per layer plus the valid length of each row."""
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype, capacity: int = 256) -> None:
+        self.num_layers = num_layers
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        shape = (batch, num_kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def _grow(self, needed: int) -> None:
+        new_cap = max(needed, 2 * self.capacity)
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                bigger = t.new_zeros(t.shape[0], t.shape[1], new_cap, t.shape[3])
+                bigger[:, :, : t.shape[2]] = t
+                store[i] = bigger
+
+    def append(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor) -> None:
+        """Append new context rows. layer_kv[l] = (k, v) each [N, n_kv, T_new, d] (padded);
+        counts [N] = how many of the T_new rows are real for each request."""
+        counts = counts.to(self.lengths.device).long()
+        t_new = layer_kv[0][0].shape[2]
+        end = int((self.lengths + counts).max()) if self.batch else 0
+        if end > self.capacity:
+            self._grow(end)
+        offs = torch.arange(t_new, device=self.lengths.device)
+        valid = offs[None, :] < counts[:, None]  # [N, T_new]
+        rows, cols = valid.nonzero(as_tuple=True)
+        dest = self.lengths[rows] + cols
+        for layer, (k, v) in enumerate(layer_kv):
+            self.keys[layer][rows, :, dest] = k[rows, :, cols].to(self.keys[layer].dtype)
+            self.values[layer][rows, :, dest] = v[rows, :, cols].to(self.values[layer].dtype)
+        self.lengths = self.lengths + counts
+
+    def valid_mask(self, upto: int | None = None) -> torch.Tensor:
+        """Bool [N, upto] marking each row's valid context slots."""
+        upto = self.capacity if upto is None else upto
+        return torch.arange(upto, device=self.lengths.device)[None, :] < self.lengths[:, None]
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Forget the context of the given rows (a request slot was reused)."""
+        self.lengths[rows] = 0

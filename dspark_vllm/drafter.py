@@ -1,0 +1,133 @@
+"""The DSpark drafter as a plain ``torch.nn.Module`` (no vLLM import).
+
+Round structure (inference):
+1. ``add_context``: fuse newly verified target hidden states from the listed layers,
+   H_ctx = hidden_norm(fc([h^(l1); ...; h^(lm)])), project them to every layer's K/V and append
+   to the per-request :class:`ContextKVCache`.
+2. ``propose``: run the block [anchor, MASK x (B-1)] at positions p_anchor + j through the layers
+   (non-causal inside the block, all cached context visible), get h_0..h_{B-1} and base logits
+   U_k = lm_head(h_k) (soft-capped for Gemma4), then sample left to right through the Markov head
+   and score each position with the confidence head.
+
+Parameter names equal the DeepSpec checkpoint tensor names (spec §1.3).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbone import DSparkDecoderLayer, build_rotary, rotary_cos_sin
+from .config import DSparkConfig
+from .context_cache import ContextKVCache
+from .heads import ConfidenceHead, build_markov_head
+from .sampling import DraftBlock, sample_block
+
+
+class DSparkDrafter(nn.Module):
+    """DSpark draft model: context fusion, draft layers, Markov head, confidence head."""
+
+    def __init__(self, config: DSparkConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.family = config.family
+        hf = config.backbone_hf_config()
+        self.hf_config = hf
+        h, v = config.hidden_size, config.vocab_size
+        if self.family == "gemma4":
+            from transformers.models.gemma4.modeling_gemma4 import (
+                Gemma4RMSNorm as Norm,
+                Gemma4TextScaledWordEmbedding,
+            )
+
+            self.embed_tokens = Gemma4TextScaledWordEmbedding(v, h, None, embed_scale=float(h) ** 0.5)
+        else:
+            from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm as Norm
+
+            self.embed_tokens = nn.Embedding(v, h)
+        eps = hf.rms_norm_eps
+        self.layers = nn.ModuleList(DSparkDecoderLayer(hf, self.family, i, config.attention_dims()) for i in range(config.num_layers))
+        self.norm = Norm(h, eps=eps)
+        self.fc = nn.Linear(len(config.target_layer_ids) * h, h, bias=False)
+        self.hidden_norm = Norm(h, eps=eps)
+        self.lm_head = nn.Linear(h, v, bias=False)
+        self.markov_head = build_markov_head(config.markov_head_type, v, config.markov_rank, h)
+        self.confidence_head = None
+        if config.enable_confidence_head:
+            extra = config.markov_rank if config.confidence_head_with_markov else 0
+            self.confidence_head = ConfidenceHead(h + extra)
+        self.rotary_emb = build_rotary(hf, self.family)
+
+    # ---- shapes ---------------------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.fc.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fc.weight.dtype
+
+    def new_cache(self, batch: int, capacity: int = 256) -> ContextKVCache:
+        attn = self.layers[0].self_attn
+        return ContextKVCache(len(self.layers), batch, attn.num_kv_heads, attn.head_dim,
+                              self.device, self.dtype, capacity)
+
+    # ---- context ---------------------------------------------------------------------------
+    def fuse_context(self, target_hidden: torch.Tensor) -> torch.Tensor:
+        """[..., m*H] concatenated target layer outputs -> [..., H] fused context H_ctx."""
+        return self.hidden_norm(self.fc(target_hidden.to(self.dtype)))
+
+    @torch.no_grad()
+    def add_context(self, cache: ContextKVCache, target_hidden: torch.Tensor, counts: torch.Tensor) -> None:
+        """Append verified positions to each request's context.
+
+        target_hidden [N, T, m*H] (rows padded), counts [N] real rows per request. Their absolute
+        positions continue each request's context (cache.lengths + j).
+        """
+        n, t, _ = target_hidden.shape
+        if t == 0:
+            return
+        ctx = self.fuse_context(target_hidden)
+        positions = cache.lengths.to(ctx.device)[:, None] + torch.arange(t, device=ctx.device)[None, :]
+        cos, sin = rotary_cos_sin(self.rotary_emb, self.family, ctx, positions)
+        cache.append([layer.self_attn.project_kv(ctx, cos, sin) for layer in self.layers], counts)
+
+    # ---- block -----------------------------------------------------------------------------
+    def block_input_ids(self, anchor: torch.Tensor) -> torch.Tensor:
+        ids = torch.full((anchor.shape[0], self.block_size), self.config.mask_token_id,
+                         dtype=torch.long, device=anchor.device)
+        ids[:, 0] = anchor
+        return ids
+
+    def forward_block(self, anchor: torch.Tensor, cache: ContextKVCache) -> torch.Tensor:
+        """Final-normed hidden states h [N, B, H] for the block [anchor, MASK...]."""
+        x = self.embed_tokens(self.block_input_ids(anchor))
+        positions = cache.lengths.to(x.device)[:, None] + torch.arange(self.block_size, device=x.device)[None, :]
+        cos, sin = rotary_cos_sin(self.rotary_emb, self.family, x, positions)
+        upto = int(cache.lengths.max()) if cache.batch else 0
+        mask = cache.valid_mask(upto)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.keys[i][:, :, :upto], cache.values[i][:, :, :upto], mask)
+        return self.norm(x)
+
+    def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """U_k = lm_head(h_k) in fp32; Gemma4 soft-caps here, before the Markov bias is added."""
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcapping if self.family == "gemma4" else None
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.no_grad()
+    def propose(self, anchor: torch.Tensor, cache: ContextKVCache, temperature: torch.Tensor,
+                generator: torch.Generator | None = None) -> DraftBlock:
+        """Draft one block per request. anchor [N]: last committed token (not yet in context)."""
+        hidden = self.forward_block(anchor.to(self.device), cache)
+        return sample_block(
+            self.base_logits(hidden), hidden, anchor.to(self.device), temperature.to(self.device),
+            self.markov_head, self.confidence_head, self.config.confidence_head_with_markov, generator,
+        )

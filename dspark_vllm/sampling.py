@@ -1,0 +1,106 @@
+"""Left-to-right block sampling through the sequential head (spec §1.8).
+
+The parallel backbone gives base logits U [N, B, V] for the whole block at once; this loop adds
+the head's transition bias position by position, samples d_k, and feeds it forward as prev.
+The distributions q_k it sampled from are returned because rejection sampling needs them.
+
+Temperature is per request; rows with temperature < GREEDY_EPS are drafted greedily (q is then
+one-hot, which verification treats exactly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .heads import ConfidenceHead, MarkovHead
+
+GREEDY_EPS = 1e-5
+
+
+@dataclass
+class DraftBlock:
+    """One proposal per request.
+
+    tokens: [N, B] draft tokens d_0..d_{B-1}.
+    probs: [N, B, V] fp32 distributions the tokens were sampled from (one-hot rows for greedy
+        requests); None when every request was drafted greedily.
+    confidence_logits: [N, B] fp32 logits of c_k, or None without a confidence head.
+    """
+
+    tokens: torch.Tensor
+    probs: torch.Tensor | None
+    confidence_logits: torch.Tensor | None = None
+
+    @property
+    def confidence(self) -> torch.Tensor | None:
+        return None if self.confidence_logits is None else torch.sigmoid(self.confidence_logits)
+
+
+def is_greedy(temperature: torch.Tensor) -> torch.Tensor:
+    return temperature < GREEDY_EPS
+
+
+def sample_logits(
+    logits: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of logits [N, V]; return (tokens [N], probs [N, V] fp32).
+
+    probs is softmax(logits / T) for sampled rows and one-hot(argmax) for greedy rows, i.e.
+    always the exact distribution the token was drawn from.
+    """
+    logits = logits.float()
+    greedy = is_greedy(temperature)
+    argmax = logits.argmax(dim=-1)
+    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
+    probs = torch.softmax(logits / safe_t[:, None], dim=-1)
+    if bool(greedy.all()):
+        tokens = argmax
+    else:
+        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tokens = torch.where(greedy, argmax, sampled)
+    if bool(greedy.any()):
+        one_hot = torch.nn.functional.one_hot(argmax, logits.shape[-1]).float()
+        probs = torch.where(greedy[:, None], one_hot, probs)
+    return tokens, probs
+
+
+def sample_block(
+    base_logits: torch.Tensor,
+    hidden: torch.Tensor,
+    anchor: torch.Tensor,
+    temperature: torch.Tensor,
+    markov_head: MarkovHead | None,
+    confidence_head: ConfidenceHead | None,
+    confidence_with_markov: bool,
+    generator: torch.Generator | None = None,
+) -> DraftBlock:
+    """Draft a block left to right.
+
+    base_logits [N, B, V] (fp32, already soft-capped for Gemma4: the bias is added after),
+    hidden [N, B, H] final-normed backbone states, anchor [N] the block's first input token,
+    temperature [N].
+    """
+    n, block, _ = base_logits.shape
+    greedy_all = bool(is_greedy(temperature).all())
+    prev = anchor
+    state = None if markov_head is None else markov_head.init_state(n, hidden.device, hidden.dtype)
+    tokens, probs = [], []
+    for k in range(block):
+        logits = base_logits[:, k]
+        if markov_head is not None:
+            bias, state = markov_head.step_bias(hidden[:, k], prev, state)
+            logits = logits + bias
+        tok, prob = sample_logits(logits, temperature, generator)
+        tokens.append(tok)
+        probs.append(prob)
+        prev = tok
+    tokens_t = torch.stack(tokens, dim=1)
+    conf = None
+    if confidence_head is not None:
+        prev_tokens = torch.cat([anchor[:, None], tokens_t[:, :-1]], dim=1)
+        prev_emb = markov_head.prev_embedding(prev_tokens) if (confidence_with_markov and markov_head) else None
+        conf = confidence_head(hidden, prev_emb)
+    return DraftBlock(tokens=tokens_t, probs=None if greedy_all else torch.stack(probs, dim=1),
+                      confidence_logits=conf)

@@ -1,0 +1,94 @@
+"""Drafter backbone: context injection, incremental cache, batching, non-causal block."""
+
+import pytest
+import torch
+from transformers import Gemma4TextConfig
+
+from dspark_vllm.checkpoint import build_random_drafter
+
+
+def _drafter(target, **kw):
+    kw = {"num_layers": 2, "block_size": 4, "markov_rank": 8, "target_layer_ids": [0, 2]} | kw
+    return build_random_drafter(target, **kw)
+
+
+def _features(n, t, width, seed=0):
+    return torch.randn(n, t, width, generator=torch.Generator().manual_seed(seed))
+
+
+def test_incremental_context_equals_one_shot(tiny_qwen3):
+    d = _drafter(tiny_qwen3)
+    feats = _features(1, 9, 2 * 64)
+    one = d.new_cache(1)
+    d.add_context(one, feats, torch.tensor([9]))
+    inc = d.new_cache(1, capacity=2)  # also exercises growth
+    for a, b in [(0, 4), (4, 5), (5, 9)]:
+        d.add_context(inc, feats[:, a:b], torch.tensor([b - a]))
+    anchor = torch.tensor([7])
+    torch.testing.assert_close(d.forward_block(anchor, inc), d.forward_block(anchor, one))
+
+
+def test_batched_rows_are_independent(tiny_qwen3):
+    d = _drafter(tiny_qwen3)
+    lens = [3, 7]
+    feats = _features(2, 7, 2 * 64)
+    batch = d.new_cache(2)
+    d.add_context(batch, feats, torch.tensor(lens))
+    anchors = torch.tensor([5, 9])
+    h_batch = d.forward_block(anchors, batch)
+    for r, n in enumerate(lens):
+        single = d.new_cache(1)
+        d.add_context(single, feats[r:r + 1, :n], torch.tensor([n]))
+        torch.testing.assert_close(h_batch[r], d.forward_block(anchors[r:r + 1], single)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_context_changes_drafts_and_block_is_non_causal(tiny_qwen3):
+    d = _drafter(tiny_qwen3)
+    cache = d.new_cache(1)
+    d.add_context(cache, _features(1, 5, 128), torch.tensor([5]))
+    h = d.forward_block(torch.tensor([3]), cache)
+    other = d.new_cache(1)
+    d.add_context(other, _features(1, 5, 128, seed=1), torch.tensor([5]))
+    assert not torch.allclose(h, d.forward_block(torch.tensor([3]), other))
+    # Non-causal: position 0 attends to the mask slots after it, so changing the mask token
+    # embedding changes h_0 (a causal block would leave it unchanged).
+    with torch.no_grad():
+        d.embed_tokens.weight[d.config.mask_token_id] += 1.0
+    h2 = d.forward_block(torch.tensor([3]), cache)
+    assert not torch.allclose(h[:, 0], h2[:, 0])
+
+
+def test_gemma4_backbone_softcaps_before_markov_bias():
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=16,
+                           num_global_key_value_heads=1, attention_k_eq_v=True, hidden_size_per_layer_input=0,
+                           final_logit_softcapping=2.0, layer_types=["full_attention"] * 3)
+    target = AutoModelForCausalLM.from_config(cfg)
+    d = _drafter(target, target_layer_ids=[0, 1])
+    assert d.family == "gemma4" and d.layers[0].self_attn.v_proj is None
+    cache = d.new_cache(1)
+    d.add_context(cache, _features(1, 4, 64), torch.tensor([4]))
+    h = d.forward_block(torch.tensor([1]), cache)
+    base = d.base_logits(h)
+    assert base.abs().max() <= 2.0  # soft-capped U
+    with torch.no_grad():
+        d.markov_head.markov_w2.weight.mul_(100.0)
+    block = d.propose(torch.tensor([1]), cache, torch.ones(1), torch.Generator().manual_seed(0))
+    assert block.probs is not None
+    z0 = base[0, 0] + d.markov_head.step_bias(h[:, 0], torch.tensor([1]), None)[0][0]
+    assert z0.abs().max() > 2.0  # the bias is added after the cap, not capped itself
+    torch.testing.assert_close(block.probs[0, 0], torch.softmax(z0, -1))
+
+
+@pytest.mark.parametrize("head_type", ["vanilla", "gated", "rnn"])
+def test_propose_shapes(tiny_qwen3, head_type):
+    d = _drafter(tiny_qwen3, markov_head_type=head_type)
+    cache = d.new_cache(3)
+    d.add_context(cache, _features(3, 6, 128), torch.tensor([6, 2, 4]))
+    block = d.propose(torch.tensor([1, 2, 3]), cache, torch.tensor([0.0, 1.0, 0.5]), torch.Generator().manual_seed(0))
+    assert block.tokens.shape == (3, 4) and block.probs.shape == (3, 4, 128)
+    assert block.confidence.shape == (3, 4) and ((block.confidence > 0) & (block.confidence < 1)).all()
+    torch.testing.assert_close(block.probs.sum(-1), torch.ones(3, 4))
