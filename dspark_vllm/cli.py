@@ -1,7 +1,10 @@
 """``dspark-vllm`` command line: demo and drafter utilities.
 
-    dspark-vllm demo            speculative decoding on SmolLM2-135M-Instruct, with figures
-    dspark-vllm build-drafter   write a random-weight DeepSpec drafter for any HF target
+    dspark-vllm demo              speculative decoding on SmolLM2-135M-Instruct, with figures
+    dspark-vllm build-drafter     write a random-weight DeepSpec drafter for any HF target
+    dspark-vllm calibrate         fit STS temperatures on held-out prompts (+ reliability PNG)
+    dspark-vllm compare-policies  run every verify-length policy on the same prompts
+    dspark-vllm bench scheduler   policy latency and expected throughput vs load
 """
 
 from __future__ import annotations
@@ -82,6 +85,91 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_pair(args: argparse.Namespace):
+    """(tokenizer, target model, drafter, drafter folder) from --target / --drafter."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import load_checkpoint
+    from .targets import smollm2_path
+
+    torch.set_num_threads(args.threads)
+    target_path = Path(args.target) if args.target else smollm2_path()
+    tok = AutoTokenizer.from_pretrained(target_path)
+    model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+    drafter_path = Path(args.drafter) if args.drafter else _demo_drafter_path(target_path, model)
+    return tok, model, load_checkpoint(drafter_path, target=model), drafter_path
+
+
+def _dataset_prompts(args: argparse.Namespace, tok) -> list[list[int]]:
+    from .prompts import encode_chat, load_prompts
+
+    return [encode_chat(tok, p) for p in load_prompts(args.dataset, args.limit, args.offset)]
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .proposers import DSparkProposer
+    from .reference_decoder import ReferenceDecoder, SamplingConfig
+    from .scheduler import CalibrationRecorder, STSCalibrator, reliability_diagram
+    from .target import HFTarget
+
+    tok, model, drafter, drafter_path = _load_pair(args)
+    recorder = CalibrationRecorder()
+    dec = ReferenceDecoder(HFTarget(model, drafter.config.target_layer_ids), DSparkProposer(drafter),
+                           observer=recorder)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              stop_token_ids=(tok.eos_token_id,))
+    for ids in tqdm(_dataset_prompts(args, tok), desc="collecting verification records", unit="prompt"):
+        dec.generate([ids], sampling)
+    records = recorder.records()
+    cal = STSCalibrator.fit(records)
+    out = Path(args.out) if args.out else drafter_path / "calibration.json"
+    cal.save(out)
+    print(f"STS temperatures: {[round(t, 3) for t in cal.temperatures]} -> {out}")
+    print(f"{'pos':>3} {'n':>6} {'ECE raw':>8} {'ECE STS':>8} {'AUROC':>6} {'Brier raw':>9} {'Brier STS':>9}")
+    for b, a in zip(cal.metrics["before"], cal.metrics["after"]):
+        print(f"{b['position']:>3} {b['count']:>6} {b['ece']:>8.4f} {a['ece']:>8.4f} {a['auroc']:>6.3f} "
+              f"{b['brier']:>9.4f} {a['brier']:>9.4f}")
+    if args.plot:
+        reliability_diagram(records, {"raw": STSCalibrator.identity(len(cal.temperatures)), "STS": cal}, args.plot)
+        print(f"reliability diagram: {args.plot}")
+    return 0
+
+
+def cmd_compare_policies(args: argparse.Namespace) -> int:
+    from .proposers import DSparkProposer
+    from .reference_decoder import ReferenceDecoder, SamplingConfig
+    from .scheduler import VerifyLengthScheduler
+    from .settings import load_settings, settings_from_dict
+    from .target import HFTarget
+
+    tok, model, drafter, drafter_path = _load_pair(args)
+    prompts = _dataset_prompts(args, tok)
+    base = load_settings(args.settings).model_dump() if args.settings else {}
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              stop_token_ids=(tok.eos_token_id,))
+    print(f"{len(prompts)} prompts from {args.dataset}, drafter {drafter_path}")
+    reference = None
+    for policy in ("fixed", "threshold", "causal_greedy", "async_topk"):
+        cfg = base | {"scheduler": base.get("scheduler", {}) | {"policy": policy,
+                                                                "threshold": args.threshold}}
+        sched = VerifyLengthScheduler.from_settings(settings_from_dict(cfg), drafter.block_size, drafter_path)
+        dec = ReferenceDecoder(HFTarget(model, drafter.config.target_layer_ids), DSparkProposer(drafter), sched)
+        outs, stats = dec.generate(prompts, sampling)
+        same = "" if reference is None else f" identical={outs == reference}"
+        reference = reference or outs
+        print(f"{policy:>14}: {stats.summary()}{same}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import scheduler
+
+    return scheduler.main(args.rest)
+
+
 def cmd_build_drafter(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
@@ -118,6 +206,31 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--target-layer-ids", default=None, help="comma-separated, e.g. 1,8,14")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(func=cmd_build_drafter)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--target", help="HF target folder (default: SmolLM2-135M-Instruct)")
+        p.add_argument("--drafter", help="DeepSpec drafter folder (default: the demo drafter)")
+        p.add_argument("--dataset", required=True, help="DeepSpec JSONL prompts")
+        p.add_argument("--limit", type=int, default=20)
+        p.add_argument("--offset", type=int, default=0, help="skip this many prompts (held-out split)")
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--temperature", type=float, default=0.0)
+        p.add_argument("--threads", type=int, default=1)
+
+    cal = sub.add_parser("calibrate", help="fit STS temperatures for the confidence head")
+    common(cal)
+    cal.add_argument("--out", help="default: calibration.json in the drafter folder")
+    cal.add_argument("--plot", default="reliability.png")
+    cal.set_defaults(func=cmd_calibrate)
+    cmp_ = sub.add_parser("compare-policies", help="every verify-length policy on the same prompts")
+    common(cmp_)
+    cmp_.add_argument("--settings", help="YAML settings to start from (configs/*.yaml)")
+    cmp_.add_argument("--threshold", type=float, default=0.5)
+    cmp_.set_defaults(func=cmd_compare_policies)
+    bench = sub.add_parser("bench", help="benchmarks: `bench scheduler [--plot PNG]`")
+    bench.add_argument("which", choices=["scheduler"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -24,6 +24,8 @@ from .target import HFTarget
 from .verification import verify
 
 VerifyLengths = Callable[[DraftBlock], torch.Tensor]
+# Called once per round with (draft, verify lengths [N], accepted [N], live rows [N] bool).
+RoundObserver = Callable[[DraftBlock, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -52,11 +54,13 @@ class ReferenceDecoder:
     """Speculative decoding of an HF target with any :class:`Proposer` (or none: plain decoding)."""
 
     def __init__(self, target: HFTarget, proposer: Proposer | None,
-                 verify_lengths: int | VerifyLengths | None = None) -> None:
+                 verify_lengths: int | VerifyLengths | None = None,
+                 observer: RoundObserver | None = None) -> None:
         self.target = target
         self.proposer = proposer
         self.block_size = proposer.block_size if proposer is not None else 0
         self.verify_lengths = verify_lengths
+        self.observer = observer
 
     def _lengths(self, draft: DraftBlock, n: int) -> torch.Tensor:
         policy = self.verify_lengths
@@ -99,6 +103,8 @@ class ReferenceDecoder:
             step = self.target.extend(torch.cat([anchor[:, None], draft.tokens.cpu()], dim=1), lengths + 1)
             result = verify(draft.tokens.cpu(), None if draft.probs is None else draft.probs.cpu(), lengths,
                             step.logits.cpu(), temp, top_k, top_p, gen)
+            if self.observer is not None:
+                self.observer(draft, lengths.clone(), result.num_accepted.clone(), ~torch.tensor(done))
             kept = torch.zeros(n, dtype=torch.long)
             for r in range(n):
                 if done[r]:

@@ -83,3 +83,22 @@ def test_smollm2_random_and_oracle_drafters_match_greedy(smollm2):
     out, stats = run(model, OracleProposer(seqs, 7, model.config.vocab_size), prompts, 32, (), [eos])
     assert out == expected
     assert stats.accept_rate()[0] == 1.0 and stats.tau > 4.0
+
+
+@pytest.mark.parametrize("policy", ["fixed", "threshold", "causal_greedy", "async_topk"])
+def test_every_policy_keeps_greedy_output(tiny_qwen3, policy):
+    from dspark_vllm.scheduler import CalibrationRecorder, VerifyLengthScheduler
+    from dspark_vllm.settings import settings_from_dict
+
+    expected = [hf_greedy(tiny_qwen3, p, 20) for p in TINY_PROMPTS]
+    drafter = build_random_drafter(tiny_qwen3, num_layers=1, block_size=4, markov_rank=8)
+    sched = VerifyLengthScheduler.from_settings(
+        settings_from_dict({"scheduler": {"policy": policy, "threshold": 0.5}}), drafter.block_size)
+    recorder = CalibrationRecorder()
+    dec = ReferenceDecoder(HFTarget(tiny_qwen3, drafter.config.target_layer_ids), DSparkProposer(drafter),
+                           sched, observer=recorder)
+    out, stats = dec.generate(TINY_PROMPTS, SamplingConfig(max_new_tokens=20))
+    assert out == expected
+    records = recorder.records()
+    assert records.logits.shape[1] == 4 and len(records.verified) == stats.rounds
+    assert (records.accepted <= records.verified).all()

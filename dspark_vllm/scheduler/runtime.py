@@ -1,0 +1,98 @@
+"""Glue between settings, calibration, cost profile and a policy, for one decoding engine.
+
+:class:`VerifyLengthScheduler` turns a :class:`DraftBlock` (raw confidence logits) into
+per-request verify lengths: calibrate with STS, then apply the configured policy under the
+current step load. The reference decoder and the vLLM proposer both call it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..settings import DSparkSettings
+from .calibration import STSCalibrator
+from .cost_profile import CostProfile
+from .policies import (
+    AsyncTopKPolicy,
+    CausalGreedyPolicy,
+    FixedPolicy,
+    StaleConfidences,
+    StepLoad,
+    ThresholdPolicy,
+)
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def build_policy(settings: DSparkSettings, cost: CostProfile | None) -> Any:
+    sched = settings.scheduler
+    if sched.policy == "fixed":
+        return FixedPolicy()
+    if sched.policy == "threshold":
+        return ThresholdPolicy(sched.threshold)
+    cost = cost or CostProfile.synthetic()
+    if sched.policy == "causal_greedy":
+        return CausalGreedyPolicy(cost, smooth=sched.smooth_cost)
+    return AsyncTopKPolicy(cost)
+
+
+def load_cost_profile(settings: DSparkSettings) -> CostProfile | None:
+    path = settings.resolve(settings.scheduler.cost_profile)
+    return None if path is None else CostProfile.load(path)
+
+
+def load_calibrator(settings: DSparkSettings, checkpoint_dir: str | Path | None, block_size: int) -> STSCalibrator:
+    """The configured STS file, else calibration.json beside the checkpoint, else identity."""
+    path = settings.resolve(settings.calibration.file)
+    if path is None and checkpoint_dir is not None and (Path(checkpoint_dir) / CALIBRATION_FILE).exists():
+        path = Path(checkpoint_dir) / CALIBRATION_FILE
+    if path is None:
+        return STSCalibrator.identity(block_size)
+    cal = STSCalibrator.load(path)
+    if len(cal.temperatures) < block_size:
+        raise ValueError(f"calibration file {path} has {len(cal.temperatures)} temperatures but the "
+                         f"block size is {block_size}; refit it with `dspark-vllm calibrate`")
+    return cal
+
+
+class VerifyLengthScheduler:
+    """Calibrated confidences + policy -> verify lengths; callable on a DraftBlock."""
+
+    def __init__(self, policy: Any, calibrator: STSCalibrator, stale_steps: int = 2) -> None:
+        self.policy = policy
+        self.calibrator = calibrator
+        self.stale = StaleConfidences(len(calibrator.temperatures), lag=stale_steps)
+        self.load = StepLoad()
+
+    @classmethod
+    def from_settings(cls, settings: DSparkSettings, block_size: int,
+                      checkpoint_dir: str | Path | None = None, cost: CostProfile | None = None) -> "VerifyLengthScheduler":
+        cost = cost or load_cost_profile(settings)
+        return cls(build_policy(settings, cost), load_calibrator(settings, checkpoint_dir, block_size),
+                   settings.scheduler.stale_steps)
+
+    def lengths(self, confidence_logits: torch.Tensor | None, request_ids: list | None = None,
+                max_lens: np.ndarray | None = None, load: StepLoad | None = None) -> np.ndarray:
+        if confidence_logits is None:
+            if not isinstance(self.policy, FixedPolicy):
+                raise ValueError(f"policy '{self.policy.name}' needs confidences, but the drafter has no "
+                                 "confidence head (enable_confidence_head=false); use policy: fixed")
+            raise ValueError("confidence logits are required to size the draft batch")
+        conf = self.calibrator.confidence(confidence_logits.detach().float().cpu().numpy())
+        load = load or self.load
+        if isinstance(self.policy, AsyncTopKPolicy):
+            ids = request_ids if request_ids is not None else list(range(conf.shape[0]))
+            stale = self.stale.stale(ids)
+            self.stale.push(ids, conf)
+            return self.policy.lengths(conf, max_lens, load, stale_confidence=stale)
+        return self.policy.lengths(conf, max_lens, load)
+
+    def __call__(self, draft) -> torch.Tensor:
+        """Reference-decoder hook: one DraftBlock -> lengths tensor [N]."""
+        if draft.confidence_logits is None and isinstance(self.policy, FixedPolicy):
+            return torch.full((draft.tokens.shape[0],), draft.tokens.shape[1], dtype=torch.long)
+        return torch.from_numpy(self.lengths(draft.confidence_logits))

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+from dspark_vllm.scheduler import CostProfile, profile_step_times
+
+
+def test_step_function_monotone_and_extrapolation(tmp_path):
+    prof = CostProfile(tokens=[8, 16, 32], step_ms=[10.0, 9.0, 20.0])  # noisy dip at 16
+    assert prof.step_time_ms(1) == 10.0 and prof.step_time_ms(8) == 10.0
+    assert prof.step_time_ms(9) == 10.0  # padded to bucket 16, monotone-cleaned to 10
+    assert prof.step_time_ms(17) == 20.0
+    assert prof.step_time_ms(48) == pytest.approx(20.0 + 10.0 / 16 * 16)  # linear beyond the grid
+    t = prof.step_time_ms(np.arange(1, 100))
+    assert (np.diff(t) >= 0).all()
+    assert prof.sps(8) == pytest.approx(100.0)
+    prof.save(tmp_path / "p.json")
+    again = CostProfile.load(tmp_path / "p.json")
+    assert np.array_equal(again.step_time_ms(np.arange(1, 64)), prof.step_time_ms(np.arange(1, 64)))
+
+
+def test_draft_table_adds_cost():
+    prof = CostProfile(tokens=[4], step_ms=[10.0], draft_requests=[1, 4], draft_ms=[2.0, 3.0])
+    assert prof.sps(4, num_requests=1) == pytest.approx(1000 / 12)
+    assert prof.sps(4, num_requests=3) == pytest.approx(1000 / 13)
+
+
+def test_bad_profiles_are_named(tmp_path):
+    with pytest.raises(ValueError, match="equally long"):
+        CostProfile(tokens=[1, 2], step_ms=[1.0])
+    (tmp_path / "x.json").write_text('{"tokens": [1], "step_ms": [1.0], "steps": 3}')
+    with pytest.raises(ValueError, match="unknown keys \\['steps'\\]"):
+        CostProfile.load(tmp_path / "x.json")
+
+
+def test_profiler_times_forward():
+    calls = []
+    prof = profile_step_times(lambda n: calls.append(n), [4, 1, 2, 4], repeats=2, warmup=1, progress=False)
+    assert prof.tokens == [1, 2, 4]
+    assert calls.count(4) == 3  # warmup + 2 repeats
