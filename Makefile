@@ -23,10 +23,10 @@ demo: install
 	$(PY) -m dspark_vllm.cli demo
 
 test: install
-	$(PY) -m pytest -q
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -122,12 +122,45 @@ class DSparkDrafter(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    @property
+    def can_fuse_sampling(self) -> bool:
+        """The fused kernel covers the vanilla Markov head (and its confidence head)."""
+        head = self.markov_head
+        conf_ok = self.confidence_head is None or self.config.confidence_head_with_markov
+        return head is not None and head.head_type == "vanilla" and conf_ok
+
     @torch.no_grad()
     def propose(self, anchor: torch.Tensor, cache: ContextKVCache, temperature: torch.Tensor,
-                generator: torch.Generator | None = None) -> DraftBlock:
-        """Draft one block per request. anchor [N]: last committed token (not yet in context)."""
-        hidden = self.forward_block(anchor.to(self.device), cache)
-        return sample_block(
-            self.base_logits(hidden), hidden, anchor.to(self.device), temperature.to(self.device),
-            self.markov_head, self.confidence_head, self.config.confidence_head_with_markov, generator,
-        )
+                generator: torch.Generator | None = None, fused: bool = False,
+                seeds: torch.Tensor | None = None) -> DraftBlock:
+        """Draft one block per request. anchor [N]: last committed token (not yet in context).
+
+        fused=True samples through ``dspark_vllm.kernels.markov_sample`` (Triton on CUDA, the
+        PyTorch reference elsewhere; Gumbel-max with per-request ``seeds``) when the head allows;
+        gated and RNN heads always use the PyTorch loop."""
+        anchor = anchor.to(self.device)
+        temperature = temperature.to(self.device)
+        hidden = self.forward_block(anchor, cache)
+        base = self.base_logits(hidden)
+        if fused and self.can_fuse_sampling:
+            return self._propose_fused(base, hidden, anchor, temperature, generator, seeds)
+        return sample_block(base, hidden, anchor, temperature, self.markov_head, self.confidence_head,
+                            self.config.confidence_head_with_markov, generator)
+
+    def _propose_fused(self, base, hidden, anchor, temperature, generator, seeds) -> DraftBlock:
+        from .kernels.markov_reference import markov_draft_probs
+        from .kernels.markov_sampling import markov_sample
+
+        if seeds is None:
+            seeds = torch.randint(0, 2**31 - 1, (anchor.shape[0],), generator=generator)
+        head = self.markov_head
+        conf = self.confidence_head
+        tokens, _, conf_logits = markov_sample(
+            base, head.markov_w1.weight, head.markov_w2.weight, anchor, temperature, seeds.to(self.device),
+            hidden if conf is not None else None,
+            conf.proj.weight.view(-1) if conf is not None else None,
+            conf.proj.bias if conf is not None else None)
+        probs = None
+        if bool((temperature >= 1e-5).any()):
+            probs = markov_draft_probs(base, head.markov_w1.weight, head.markov_w2.weight, anchor, tokens, temperature)
+        return DraftBlock(tokens=tokens, probs=probs, confidence_logits=conf_logits)

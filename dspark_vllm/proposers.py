@@ -29,8 +29,9 @@ class Proposer(Protocol):
 class DSparkProposer:
     """Drives a :class:`DSparkDrafter` with a batched context K/V cache."""
 
-    def __init__(self, drafter: DSparkDrafter) -> None:
+    def __init__(self, drafter: DSparkDrafter, fused: bool = False) -> None:
         self.drafter = drafter
+        self.fused = fused
         self.block_size = drafter.block_size
         self.cache: ContextKVCache | None = None
 
@@ -46,7 +47,7 @@ class DSparkProposer:
         if not torch.equal(self.cache.lengths.cpu(), anchor_pos.cpu()):
             raise RuntimeError("draft context is out of step with the target: context length "
                                f"{self.cache.lengths.tolist()} != anchor positions {anchor_pos.tolist()}")
-        return self.drafter.propose(anchor, self.cache, temperature, generator)
+        return self.drafter.propose(anchor, self.cache, temperature, generator, fused=self.fused)
 
 
 class OracleProposer:

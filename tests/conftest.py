@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # kernel tests run Triton on CPU tensors
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 torch.set_num_threads(1)
 

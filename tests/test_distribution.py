@@ -42,12 +42,12 @@ def exact_three_token_distribution(model, top_k: int = 0) -> dict:
             for a in range(V) for b in range(V) for c in range(V)}
 
 
-def sample_three_tokens(model, head_type, lengths, top_k=0, seed=0):
+def sample_three_tokens(model, head_type, lengths, top_k=0, seed=0, fused=False):
     drafter = build_random_drafter(model, num_layers=1, block_size=BLOCK, markov_rank=8,
                                    markov_head_type=head_type, target_layer_ids=[0, 1], seed=seed)
     with torch.no_grad():  # a peaky drafter that disagrees with the target often
         drafter.lm_head.weight.mul_(3.0)
-    dec = ReferenceDecoder(HFTarget(model, drafter.config.target_layer_ids), DSparkProposer(drafter), lengths)
+    dec = ReferenceDecoder(HFTarget(model, drafter.config.target_layer_ids), DSparkProposer(drafter, fused), lengths)
     out, stats = dec.generate([PROMPT] * SAMPLES, SamplingConfig(max_new_tokens=3, temperature=1.0,
                                                                  top_k=top_k, seed=seed))
     return [tuple(o) for o in out], stats
@@ -62,6 +62,14 @@ def test_fixed_draft_length_is_lossless(target, head_type, length):
     if length:
         rate = stats.accepted_tokens / stats.draft_tokens
         assert 0.05 < rate < 0.95  # both accept and reject paths are exercised
+
+
+def test_fused_kernel_sampler_is_lossless(target):
+    """The fused sampling path (its PyTorch reference on CPU; test_kernels checks the Triton kernel
+    against it): Gumbel-max drafts with q recomputed from the tokens for verification."""
+    samples, stats = sample_three_tokens(target, "vanilla", BLOCK, fused=True)
+    assert chi_square_pvalue(samples, exact_three_token_distribution(target)) > P_VALUE_FLOOR
+    assert 0.05 < stats.accepted_tokens / stats.draft_tokens < 0.95
 
 
 def test_random_per_request_lengths_with_top_k_are_lossless(target):
