@@ -164,6 +164,37 @@ def cmd_compare_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Measure the target's verification step time vs tokens (on this machine) into a JSON profile."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .scheduler import profile_step_times
+    from .targets import smollm2_path
+
+    torch.set_num_threads(args.threads)
+    target_path = Path(args.target) if args.target else smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+    context = torch.randint(0, model.config.vocab_size, (1, args.context))
+    with torch.no_grad():
+        prefix = model(context, use_cache=True).past_key_values
+
+    def forward(num_tokens: int) -> None:
+        ids = torch.randint(0, model.config.vocab_size, (1, num_tokens))
+        with torch.no_grad():
+            model(ids, past_key_values=prefix, use_cache=True)
+        prefix.crop(-num_tokens)  # back to the fixed context for the next call
+
+    grid = [t for t in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256) if t <= args.max_tokens]
+    prof = profile_step_times(forward, grid, repeats=args.repeats)
+    prof.device = f"cpu x{args.threads} threads, context {args.context}"
+    prof.save(args.out)
+    for t, ms in zip(prof.tokens, prof.step_ms):
+        print(f"{t:>5} tokens: {ms:8.2f} ms")
+    print(f"cost profile written to {args.out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import scheduler
 
@@ -227,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--settings", help="YAML settings to start from (configs/*.yaml)")
     cmp_.add_argument("--threshold", type=float, default=0.5)
     cmp_.set_defaults(func=cmd_compare_policies)
+    prof = sub.add_parser("profile", help="measure the target's step cost vs tokens into a JSON profile")
+    prof.add_argument("--target", help="HF target folder (default: SmolLM2-135M-Instruct)")
+    prof.add_argument("--out", default="cost_profile.json")
+    prof.add_argument("--context", type=int, default=256)
+    prof.add_argument("--max-tokens", type=int, default=128)
+    prof.add_argument("--repeats", type=int, default=3)
+    prof.add_argument("--threads", type=int, default=1)
+    prof.set_defaults(func=cmd_profile)
     bench = sub.add_parser("bench", help="benchmarks: `bench scheduler [--plot PNG]`")
     bench.add_argument("which", choices=["scheduler"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)

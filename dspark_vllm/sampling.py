@@ -53,6 +53,8 @@ def sample_logits(
     logits = logits.float()
     greedy = is_greedy(temperature)
     argmax = logits.argmax(dim=-1)
+    if bool(greedy.all()):  # fast path: q is one-hot, built lazily only if asked for
+        return argmax, torch.nn.functional.one_hot(argmax, logits.shape[-1]).float()
     safe_t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
     probs = torch.softmax(logits / safe_t[:, None], dim=-1)
     if bool(greedy.all()):

@@ -92,6 +92,8 @@ def verify(
     # Greedy requests: accept while the draft equals the target argmax.
     target_argmax = target_logits.argmax(dim=-1)  # [N, B+1]
     greedy_ok = (draft_tokens == target_argmax[:, :block]) & in_range
+    if bool(greedy.all()):
+        return _assemble(draft_tokens, greedy_ok, target_argmax)
 
     # Sampled requests: u < p(d)/q(d).
     p = target_probs(target_logits, temperature, top_k, top_p)  # [N, B+1, V]
@@ -124,7 +126,21 @@ def verify(
     sampled_next = torch.multinomial(p_next, 1, generator=generator).squeeze(-1)
     next_token = torch.where(greedy, greedy_next, sampled_next)
 
-    out = torch.full((n, block + 1), -1, dtype=torch.long, device=device)
+    return _emit(draft_tokens, num_accepted, next_token)
+
+
+def _assemble(draft_tokens: torch.Tensor, ok: torch.Tensor, target_argmax: torch.Tensor) -> VerificationResult:
+    """All-greedy batch: accepted prefix, then the target's argmax after it."""
+    num_accepted = ok.long().cumprod(dim=1).sum(dim=1)
+    rows = torch.arange(draft_tokens.shape[0], device=draft_tokens.device)
+    return _emit(draft_tokens, num_accepted, target_argmax[rows, num_accepted])
+
+
+def _emit(draft_tokens: torch.Tensor, num_accepted: torch.Tensor, next_token: torch.Tensor) -> VerificationResult:
+    n, block = draft_tokens.shape
+    rows = torch.arange(n, device=draft_tokens.device)
+    pos = torch.arange(block, device=draft_tokens.device)
+    out = torch.full((n, block + 1), -1, dtype=torch.long, device=draft_tokens.device)
     out[:, :block] = torch.where(pos[None, :] < num_accepted[:, None], draft_tokens, out[:, :block])
     out[rows, num_accepted] = next_token
     return VerificationResult(num_accepted=num_accepted, output_tokens=out)
