@@ -54,6 +54,30 @@ class ContextKVCache:
             self.values[layer][rows, :, dest] = v[rows, :, cols].to(self.values[layer].dtype)
         self.lengths = self.lengths + counts
 
+    def rows_view(self, rows: torch.Tensor) -> "ContextKVCache":
+        """A gathered copy of some rows (read-only use: drafting a subset of requests)."""
+        view = object.__new__(ContextKVCache)
+        view.num_layers = self.num_layers
+        view.lengths = self.lengths[rows]
+        upto = int(view.lengths.max()) if len(rows) else 0
+        view.keys = [k[rows, :, :upto] for k in self.keys]
+        view.values = [v[rows, :, :upto] for v in self.values]
+        return view
+
+    def append_rows(self, rows: torch.Tensor, layer_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                    counts: torch.Tensor) -> None:
+        """Like :meth:`append` but for the listed rows only (layer_kv/counts indexed like rows)."""
+        full_counts = torch.zeros_like(self.lengths)
+        full_counts[rows] = counts.to(self.lengths.device).long()
+        t_new = layer_kv[0][0].shape[2]
+        padded = []
+        for k, v in layer_kv:
+            fk = k.new_zeros(self.batch, k.shape[1], t_new, k.shape[3])
+            fv = v.new_zeros(self.batch, v.shape[1], t_new, v.shape[3])
+            fk[rows], fv[rows] = k, v
+            padded.append((fk, fv))
+        self.append(padded, full_counts)
+
     def valid_mask(self, upto: int | None = None) -> torch.Tensor:
         """Bool [N, upto] marking each row's valid context slots."""
         upto = self.capacity if upto is None else upto

@@ -82,19 +82,26 @@ class DSparkDrafter(nn.Module):
         return self.hidden_norm(self.fc(target_hidden.to(self.dtype)))
 
     @torch.no_grad()
-    def add_context(self, cache: ContextKVCache, target_hidden: torch.Tensor, counts: torch.Tensor) -> None:
+    def add_context(self, cache: ContextKVCache, target_hidden: torch.Tensor, counts: torch.Tensor,
+                    rows: torch.Tensor | None = None) -> None:
         """Append verified positions to each request's context.
 
         target_hidden [N, T, m*H] (rows padded), counts [N] real rows per request. Their absolute
-        positions continue each request's context (cache.lengths + j).
+        positions continue each request's context (cache.lengths + j). ``rows`` selects which
+        cache rows the N entries belong to (default: all rows, in order).
         """
         n, t, _ = target_hidden.shape
         if t == 0:
             return
         ctx = self.fuse_context(target_hidden)
-        positions = cache.lengths.to(ctx.device)[:, None] + torch.arange(t, device=ctx.device)[None, :]
+        lengths = cache.lengths if rows is None else cache.lengths[rows]
+        positions = lengths.to(ctx.device)[:, None] + torch.arange(t, device=ctx.device)[None, :]
         cos, sin = rotary_cos_sin(self.rotary_emb, self.family, ctx, positions)
-        cache.append([layer.self_attn.project_kv(ctx, cos, sin) for layer in self.layers], counts)
+        kv = [layer.self_attn.project_kv(ctx, cos, sin) for layer in self.layers]
+        if rows is None:
+            cache.append(kv, counts)
+        else:
+            cache.append_rows(rows, kv, counts)
 
     # ---- block -----------------------------------------------------------------------------
     def block_input_ids(self, anchor: torch.Tensor) -> torch.Tensor:

