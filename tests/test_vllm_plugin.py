@@ -119,3 +119,66 @@ def test_startup_errors_name_the_problem(smol, tmp_path):
     bad.write_text("scheduler:\n  policy: fastest\n")
     err = engine_error(target=smol["target"], drafter=smol["drafter"], prompts=[[1]], env={"DSPARK_VLLM_CONFIG": str(bad)})
     assert "bad.yaml: invalid DSpark settings: scheduler.policy" in err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_server_chat_completions_streaming_and_abort(smol, smol_reference):
+    import os
+    import time
+    import urllib.request
+
+    from openai import OpenAI
+
+    port = _free_port()
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    spec = json.dumps({"method": "dspark", "model": smol["drafter"]})
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", smol["target"],
+         "--speculative-config", spec, "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smollm2"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                assert time.time() < deadline, "server did not become healthy"
+                time.sleep(1)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        tok = smol["tok"]
+        expected = [tok.decode(o, skip_special_tokens=True) for o in smol_reference]
+
+        chat = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                              temperature=0, max_tokens=24)
+        assert chat.choices[0].message.content == expected[0]
+
+        comp = client.completions.create(model="smollm2", prompt=smol["prompts"][1], temperature=0, max_tokens=24)
+        assert comp.choices[0].text == expected[1]
+
+        # a stream aborted after a few chunks, then a full stream that must still be exact
+        stream = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTIONS[2]}],
+                                                temperature=0, max_tokens=24, stream=True)
+        for i, _ in enumerate(stream):
+            if i == 2:
+                break
+        stream.close()
+        stream = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTIONS[3]}],
+                                                temperature=0, max_tokens=24, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == expected[3]
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "vllm:spec_decode_num_drafts" in metrics
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
