@@ -155,7 +155,8 @@ def cmd_compare_policies(args: argparse.Namespace) -> int:
     for policy in ("fixed", "threshold", "causal_greedy", "async_topk"):
         cfg = base | {"scheduler": base.get("scheduler", {}) | {"policy": policy,
                                                                 "threshold": args.threshold}}
-        sched = VerifyLengthScheduler.from_settings(settings_from_dict(cfg), drafter.block_size, drafter_path)
+        sched = VerifyLengthScheduler.from_settings(settings_from_dict(cfg, args.settings or "<dict>"),
+                                                    drafter.block_size, drafter_path)
         dec = ReferenceDecoder(HFTarget(model, drafter.config.target_layer_ids), DSparkProposer(drafter), sched)
         outs, stats = dec.generate(prompts, sampling)
         same = "" if reference is None else f" identical={outs == reference}"
