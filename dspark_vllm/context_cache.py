@@ -37,22 +37,26 @@ class ContextKVCache:
                 bigger[:, :, : t.shape[2]] = t
                 store[i] = bigger
 
-    def append(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor) -> None:
-        """Append new context rows. layer_kv[l] = (k, v) each [N, n_kv, T_new, d] (padded);
-        counts [N] = how many of the T_new rows are real for each request."""
-        counts = counts.to(self.lengths.device).long()
+    def append(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor,
+               rows: torch.Tensor | None = None) -> None:
+        """Append new context rows. layer_kv[l] = (k, v) each [M, n_kv, T_new, d] (padded);
+        counts [M] = how many of the T_new rows are real; rows [M] = which cache rows they
+        belong to (default: all rows, in order; must be distinct)."""
+        device = self.lengths.device
+        counts = counts.to(device).long()
+        rows = torch.arange(self.batch, device=device) if rows is None else rows.to(device).long()
         t_new = layer_kv[0][0].shape[2]
-        end = int((self.lengths + counts).max()) if self.batch else 0
+        end = int((self.lengths[rows] + counts).max()) if len(rows) else 0
         if end > self.capacity:
             self._grow(end)
-        offs = torch.arange(t_new, device=self.lengths.device)
-        valid = offs[None, :] < counts[:, None]  # [N, T_new]
-        rows, cols = valid.nonzero(as_tuple=True)
-        dest = self.lengths[rows] + cols
+        valid = torch.arange(t_new, device=device)[None, :] < counts[:, None]  # [M, T_new]
+        src, cols = valid.nonzero(as_tuple=True)
+        dst = rows[src]
+        dest = self.lengths[dst] + cols
         for layer, (k, v) in enumerate(layer_kv):
-            self.keys[layer][rows, :, dest] = k[rows, :, cols].to(self.keys[layer].dtype)
-            self.values[layer][rows, :, dest] = v[rows, :, cols].to(self.values[layer].dtype)
-        self.lengths = self.lengths + counts
+            self.keys[layer][dst, :, dest] = k[src, :, cols].to(self.keys[layer].dtype)
+            self.values[layer][dst, :, dest] = v[src, :, cols].to(self.values[layer].dtype)
+        self.lengths[rows] += counts
 
     def rows_view(self, rows: torch.Tensor) -> "ContextKVCache":
         """A gathered copy of some rows (read-only use: drafting a subset of requests)."""
@@ -63,20 +67,6 @@ class ContextKVCache:
         view.keys = [k[rows, :, :upto] for k in self.keys]
         view.values = [v[rows, :, :upto] for v in self.values]
         return view
-
-    def append_rows(self, rows: torch.Tensor, layer_kv: list[tuple[torch.Tensor, torch.Tensor]],
-                    counts: torch.Tensor) -> None:
-        """Like :meth:`append` but for the listed rows only (layer_kv/counts indexed like rows)."""
-        full_counts = torch.zeros_like(self.lengths)
-        full_counts[rows] = counts.to(self.lengths.device).long()
-        t_new = layer_kv[0][0].shape[2]
-        padded = []
-        for k, v in layer_kv:
-            fk = k.new_zeros(self.batch, k.shape[1], t_new, k.shape[3])
-            fv = v.new_zeros(self.batch, v.shape[1], t_new, v.shape[3])
-            fk[rows], fv[rows] = k, v
-            padded.append((fk, fv))
-        self.append(padded, full_counts)
 
     def valid_mask(self, upto: int | None = None) -> torch.Tensor:
         """Bool [N, upto] marking each row's valid context slots."""

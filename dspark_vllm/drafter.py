@@ -97,11 +97,7 @@ class DSparkDrafter(nn.Module):
         lengths = cache.lengths if rows is None else cache.lengths[rows]
         positions = lengths.to(ctx.device)[:, None] + torch.arange(t, device=ctx.device)[None, :]
         cos, sin = rotary_cos_sin(self.rotary_emb, self.family, ctx, positions)
-        kv = [layer.self_attn.project_kv(ctx, cos, sin) for layer in self.layers]
-        if rows is None:
-            cache.append(kv, counts)
-        else:
-            cache.append_rows(rows, kv, counts)
+        cache.append([layer.self_attn.project_kv(ctx, cos, sin) for layer in self.layers], counts, rows)
 
     # ---- block -----------------------------------------------------------------------------
     def block_input_ids(self, anchor: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,12 @@ MASK32 = 0xFFFFFFFF
 GREEDY_EPS = 1e-5
 
 
+def inverse_temperature(temperature: torch.Tensor) -> torch.Tensor:
+    """1/T in fp32, with 1 for greedy rows (their scores are the raw logits)."""
+    greedy = temperature < GREEDY_EPS
+    return torch.where(greedy, torch.ones_like(temperature), 1.0 / temperature.clamp_min(GREEDY_EPS)).float()
+
+
 def _lowbias32(x: torch.Tensor) -> torch.Tensor:
     """32-bit integer hash (Wellons' lowbias32) on int64 tensors holding uint32 values."""
     x = x ^ (x >> 16)
@@ -62,7 +68,7 @@ def markov_sample_reference(
     """
     n, block, vocab = base_logits.shape
     greedy = temperature < GREEDY_EPS
-    inv_t = torch.where(greedy, torch.ones_like(temperature), 1.0 / temperature.clamp_min(GREEDY_EPS)).float()
+    inv_t = inverse_temperature(temperature)
     w2f = w2.float()
     prev = anchor.long()
     tokens, lses, confs = [], [], []
@@ -89,7 +95,7 @@ def markov_draft_probs(base_logits: torch.Tensor, w1: torch.Tensor, w2: torch.Te
     prev = torch.cat([anchor.view(-1, 1).long(), tokens[:, :-1]], dim=1)
     z = base_logits.float() + w1[prev].float() @ w2.float().T
     greedy = temperature < GREEDY_EPS
-    inv_t = torch.where(greedy, torch.ones_like(temperature), 1.0 / temperature.clamp_min(GREEDY_EPS)).float()
+    inv_t = inverse_temperature(temperature)
     probs = torch.softmax(z * inv_t.view(-1, 1, 1), dim=-1)
     if bool(greedy.any()):
         one_hot = torch.nn.functional.one_hot(tokens, z.shape[-1]).float()

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .markov_reference import GREEDY_EPS, markov_sample_reference
+from .markov_reference import GREEDY_EPS, inverse_temperature, markov_sample_reference
 
 BLOCK_N = 16
 BLOCK_V = 128
@@ -42,8 +42,7 @@ def markov_sample_triton(base_logits, w1, w2, anchor, temperature, seeds, hidden
     u = base_logits if base_logits.stride(-1) == 1 else base_logits.contiguous()
     w1c, w2c = w1.contiguous(), w2.contiguous()
     greedy = (temperature < GREEDY_EPS).to(torch.int32).to(dev)
-    inv_t = torch.where(temperature < GREEDY_EPS, torch.ones_like(temperature),
-                        1.0 / temperature.clamp_min(GREEDY_EPS)).float().to(dev)
+    inv_t = inverse_temperature(temperature).to(dev)
     prev = anchor.to(dev).long().clone()
     seeds = seeds.to(dev).long()
     import triton
