@@ -34,29 +34,18 @@ def _demo_drafter_path(target_path: Path, target_model) -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .checkpoint import load_checkpoint
     from .prompts import encode_chat
     from .proposers import DSparkProposer
-    from .reference_decoder import ReferenceDecoder, SamplingConfig
+    from .reference_decoder import ReferenceDecoder
     from .target import HFTarget
-    from .targets import smollm2_path
 
-    torch.set_num_threads(args.threads)
-    target_path = Path(args.target) if args.target else smollm2_path()
-    print(f"[dspark-vllm] target: {target_path}")
-    tok = AutoTokenizer.from_pretrained(target_path)
-    model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
-    drafter_path = Path(args.drafter) if args.drafter else _demo_drafter_path(target_path, model)
-    drafter = load_checkpoint(drafter_path, target=model, block_size=args.block_size)
+    tok, model, drafter, drafter_path = _load_pair(args)
+    print(f"[dspark-vllm] target: {model.name_or_path}")
     print(f"[dspark-vllm] drafter: {drafter_path} (block {drafter.block_size}, "
           f"{drafter.config.markov_head_type} head r={drafter.config.markov_rank}, "
           f"layers {drafter.config.target_layer_ids})")
     prompts = [encode_chat(tok, p) for p in DEMO_PROMPTS]
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0,
-                              stop_token_ids=(tok.eos_token_id,))
+    sampling = _sampling(args, tok, temperature=0.0)
     spec = ReferenceDecoder(HFTarget(model, drafter.config.target_layer_ids), DSparkProposer(drafter))
     plain = ReferenceDecoder(HFTarget(model, []), None)
     total_spec = total_plain = None
@@ -98,7 +87,16 @@ def _load_pair(args: argparse.Namespace):
     tok = AutoTokenizer.from_pretrained(target_path)
     model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
     drafter_path = Path(args.drafter) if args.drafter else _demo_drafter_path(target_path, model)
-    return tok, model, load_checkpoint(drafter_path, target=model), drafter_path
+    drafter = load_checkpoint(drafter_path, target=model, block_size=getattr(args, "block_size", None))
+    return tok, model, drafter, drafter_path
+
+
+def _sampling(args: argparse.Namespace, tok, temperature: float | None = None):
+    from .reference_decoder import SamplingConfig
+
+    return SamplingConfig(max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature if temperature is None else temperature,
+                          stop_token_ids=(tok.eos_token_id,))
 
 
 def _dataset_prompts(args: argparse.Namespace, tok) -> list[list[int]]:
@@ -111,7 +109,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .proposers import DSparkProposer
-    from .reference_decoder import ReferenceDecoder, SamplingConfig
+    from .reference_decoder import ReferenceDecoder
     from .scheduler import CalibrationRecorder, STSCalibrator, reliability_diagram
     from .target import HFTarget
 
@@ -119,8 +117,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     recorder = CalibrationRecorder()
     dec = ReferenceDecoder(HFTarget(model, drafter.config.target_layer_ids), DSparkProposer(drafter),
                            observer=recorder)
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              stop_token_ids=(tok.eos_token_id,))
+    sampling = _sampling(args, tok)
     for ids in tqdm(_dataset_prompts(args, tok), desc="collecting verification records", unit="prompt"):
         dec.generate([ids], sampling)
     records = recorder.records()
@@ -140,7 +137,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_compare_policies(args: argparse.Namespace) -> int:
     from .proposers import DSparkProposer
-    from .reference_decoder import ReferenceDecoder, SamplingConfig
+    from .reference_decoder import ReferenceDecoder
     from .scheduler import VerifyLengthScheduler
     from .settings import load_settings, settings_from_dict
     from .target import HFTarget
@@ -148,8 +145,7 @@ def cmd_compare_policies(args: argparse.Namespace) -> int:
     tok, model, drafter, drafter_path = _load_pair(args)
     prompts = _dataset_prompts(args, tok)
     base = load_settings(args.settings).model_dump() if args.settings else {}
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              stop_token_ids=(tok.eos_token_id,))
+    sampling = _sampling(args, tok)
     print(f"{len(prompts)} prompts from {args.dataset}, drafter {drafter_path}")
     reference = None
     for policy in ("fixed", "threshold", "causal_greedy", "async_topk"):

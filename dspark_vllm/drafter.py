@@ -21,7 +21,7 @@ from .backbone import DSparkDecoderLayer, build_rotary, rotary_cos_sin
 from .config import DSparkConfig
 from .context_cache import ContextKVCache
 from .heads import ConfidenceHead, build_markov_head
-from .sampling import DraftBlock, sample_block
+from .sampling import DraftBlock, is_greedy, sample_block
 
 
 class DSparkDrafter(nn.Module):
@@ -164,6 +164,6 @@ class DSparkDrafter(nn.Module):
             conf.proj.weight.view(-1) if conf is not None else None,
             conf.proj.bias if conf is not None else None)
         probs = None
-        if bool((temperature >= 1e-5).any()):
+        if not bool(is_greedy(temperature).all()):
             probs = markov_draft_probs(base, head.markov_w1.weight, head.markov_w2.weight, anchor, tokens, temperature)
         return DraftBlock(tokens=tokens, probs=probs, confidence_logits=conf_logits)

@@ -42,6 +42,11 @@ def is_greedy(temperature: torch.Tensor) -> torch.Tensor:
     return temperature < GREEDY_EPS
 
 
+def safe_temperature(temperature: torch.Tensor) -> torch.Tensor:
+    """Temperature in fp32 with greedy rows set to 1, so dividing by it is always defined."""
+    return torch.where(is_greedy(temperature), torch.ones_like(temperature), temperature).float()
+
+
 def sample_logits(
     logits: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,15 +58,11 @@ def sample_logits(
     logits = logits.float()
     greedy = is_greedy(temperature)
     argmax = logits.argmax(dim=-1)
-    if bool(greedy.all()):  # fast path: q is one-hot, built lazily only if asked for
+    if bool(greedy.all()):  # fast path: no softmax, q is one-hot
         return argmax, torch.nn.functional.one_hot(argmax, logits.shape[-1]).float()
-    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
-    probs = torch.softmax(logits / safe_t[:, None], dim=-1)
-    if bool(greedy.all()):
-        tokens = argmax
-    else:
-        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        tokens = torch.where(greedy, argmax, sampled)
+    probs = torch.softmax(logits / safe_temperature(temperature)[:, None], dim=-1)
+    sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    tokens = torch.where(greedy, argmax, sampled)
     if bool(greedy.any()):
         one_hot = torch.nn.functional.one_hot(argmax, logits.shape[-1]).float()
         probs = torch.where(greedy[:, None], one_hot, probs)
@@ -94,9 +95,12 @@ def sample_block(
         if markov_head is not None:
             bias, state = markov_head.step_bias(hidden[:, k], prev, state)
             logits = logits + bias
-        tok, prob = sample_logits(logits, temperature, generator)
+        if greedy_all:  # q is one-hot and never materialised
+            tok = logits.argmax(dim=-1)
+        else:
+            tok, prob = sample_logits(logits, temperature, generator)
+            probs.append(prob)
         tokens.append(tok)
-        probs.append(prob)
         prev = tok
     tokens_t = torch.stack(tokens, dim=1)
     conf = None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import is_greedy
+from .sampling import is_greedy, safe_temperature
 
 RESIDUAL_EPS = 1e-8
 
@@ -62,7 +62,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
 def target_probs(logits: torch.Tensor, temperature: torch.Tensor,
                  top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None) -> torch.Tensor:
     """Target distributions p [N, S, V] (fp32) for sampled requests: softmax(filter(logits) / T)."""
-    t = torch.where(is_greedy(temperature), torch.ones_like(temperature), temperature).float()
+    t = safe_temperature(temperature)
     return torch.softmax(apply_top_k_top_p(logits.float(), top_k, top_p) / t.view(-1, 1, 1), dim=-1)
 
 
@@ -92,8 +92,10 @@ def verify(
     # Greedy requests: accept while the draft equals the target argmax.
     target_argmax = target_logits.argmax(dim=-1)  # [N, B+1]
     greedy_ok = (draft_tokens == target_argmax[:, :block]) & in_range
+    rows = torch.arange(n, device=device)
     if bool(greedy.all()):
-        return _assemble(draft_tokens, greedy_ok, target_argmax)
+        num_accepted = _accepted_prefix(greedy_ok)
+        return _emit(draft_tokens, num_accepted, target_argmax[rows, num_accepted])
 
     # Sampled requests: u < p(d)/q(d).
     p = target_probs(target_logits, temperature, top_k, top_p)  # [N, B+1, V]
@@ -106,10 +108,9 @@ def verify(
     sampled_ok = (u * q_d.clamp_min(RESIDUAL_EPS) < p_d) & in_range
 
     ok = torch.where(greedy[:, None], greedy_ok, sampled_ok)
-    num_accepted = ok.long().cumprod(dim=1).sum(dim=1)  # [N]
+    num_accepted = _accepted_prefix(ok)  # [N]
 
     # Token emitted after the accepted prefix.
-    rows = torch.arange(n, device=device)
     greedy_next = target_argmax[rows, num_accepted]
     p_next = p[rows, num_accepted]  # [N, V]
     rejected = num_accepted < draft_lens
@@ -129,11 +130,9 @@ def verify(
     return _emit(draft_tokens, num_accepted, next_token)
 
 
-def _assemble(draft_tokens: torch.Tensor, ok: torch.Tensor, target_argmax: torch.Tensor) -> VerificationResult:
-    """All-greedy batch: accepted prefix, then the target's argmax after it."""
-    num_accepted = ok.long().cumprod(dim=1).sum(dim=1)
-    rows = torch.arange(draft_tokens.shape[0], device=draft_tokens.device)
-    return _emit(draft_tokens, num_accepted, target_argmax[rows, num_accepted])
+def _accepted_prefix(ok: torch.Tensor) -> torch.Tensor:
+    """Length of the leading run of accepted positions per row: ok [N, B] -> [N]."""
+    return ok.long().cumprod(dim=1).sum(dim=1)
 
 
 def _emit(draft_tokens: torch.Tensor, num_accepted: torch.Tensor, next_token: torch.Tensor) -> VerificationResult:

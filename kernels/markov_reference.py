@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from ..sampling import GREEDY_EPS
+
 MASK32 = 0xFFFFFFFF
-GREEDY_EPS = 1e-5
 
 
 def inverse_temperature(temperature: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,6 @@ def ece(pred: np.ndarray, label: np.ndarray, bins: int = ECE_BINS) -> float:
     if len(pred) == 0:
         return 0.0
     idx = np.minimum((pred * bins).astype(np.int64), bins - 1)
-    count = np.bincount(idx, minlength=bins)
     p_sum = np.bincount(idx, weights=pred, minlength=bins)
     y_sum = np.bincount(idx, weights=label.astype(np.float64), minlength=bins)
     return float(np.abs(p_sum - y_sum).sum() / len(pred))

@@ -97,7 +97,6 @@ class DSparkV1Proposer:
         self.cache = None
         self.requests: dict[str, _RequestState] = {}
         self.free_rows: list[int] = list(range(self.max_reqs))[::-1]
-        self.last_admitted = 0
         self.oracle = OracleHook.from_env()
         logger.info("DSpark proposer: %s, block %d, policy %s", checkpoint, self.block_size,
                     self.settings.scheduler.policy)
@@ -192,7 +191,6 @@ class DSparkV1Proposer:
                     tokens[j] = known
         for (i, _), toks, n in zip(draft_ids, tokens, lengths):
             out[i] = toks[: int(n)]
-        self.last_admitted = int(sum(int(n) for n in lengths))
         return out
 
     def _lengths(self, block, req_ids: list[str], num_reqs: int) -> list[int]:
