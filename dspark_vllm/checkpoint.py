@@ -78,14 +78,52 @@ def validate_against_target(config: DSparkConfig, target: Any, block_size: int |
         )
 
 
-def save_checkpoint(drafter: DSparkDrafter, path: str | Path) -> Path:
-    """Write config.json + model.safetensors in DeepSpec format."""
+SHARED_EMBEDDINGS_KEY = "dspark_shared_embeddings"
+SHARED_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+
+
+def save_checkpoint(drafter: DSparkDrafter, path: str | Path, shared_embeddings: bool = False) -> Path:
+    """Write config.json + model.safetensors in DeepSpec format.
+
+    shared_embeddings=True leaves out embed_tokens/lm_head (frozen copies of the target's, most
+    of a small drafter's bytes) and records ``dspark_shared_embeddings: true`` in config.json;
+    loading then takes them from the target model."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(drafter.config.raw, indent=2, sort_keys=True) + "\n")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    raw = dict(drafter.config.raw)
+    if shared_embeddings:
+        raw[SHARED_EMBEDDINGS_KEY] = True
+    else:
+        raw.pop(SHARED_EMBEDDINGS_KEY, None)
+    (out / CONFIG_FILE).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()
+               if not (shared_embeddings and k in SHARED_TENSORS)}
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / WEIGHTS_FILE)
     return out
+
+
+def shares_target_embeddings(config: DSparkConfig) -> bool:
+    return bool(config.raw.get(SHARED_EMBEDDINGS_KEY, False))
+
+
+def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No .safetensors weights in {path}.")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_weights_into(drafter: DSparkDrafter, path: str | Path) -> None:
+    """Load a checkpoint's tensors into an existing drafter (training resume); shared
+    embeddings stay as they are."""
+    state = _read_state(path)
+    drafter.load_state_dict({k: v.to(drafter.dtype) if v.is_floating_point() else v for k, v in state.items()},
+                            strict=False)
 
 
 def load_config(path: str | Path) -> DSparkConfig:
@@ -110,14 +148,12 @@ def load_checkpoint(path: str | Path, target: Any | None = None, block_size: int
         validate_against_target(config, target, block_size)
     elif block_size is not None:
         validate_against_target(config, _self_as_target(config), block_size)
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"No .safetensors weights in {path}.")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    state = _read_state(path)
     drafter = DSparkDrafter(config)
     expected = drafter.state_dict()
+    shared = shares_target_embeddings(config)
+    if shared:
+        expected = {k: v for k, v in expected.items() if k not in SHARED_TENSORS}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -136,7 +172,13 @@ def load_checkpoint(path: str | Path, target: Any | None = None, block_size: int
     if dtype is None:
         dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     drafter.to(dtype)
-    drafter.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+    drafter.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                            strict=not shared)
+    if shared:
+        drafter.embeddings_bound = False
+        if isinstance(target, torch.nn.Module):
+            drafter.bind_target_embeddings(target.get_input_embeddings().weight,
+                                           target.get_output_embeddings().weight)
     return drafter.to(device).eval()
 
 

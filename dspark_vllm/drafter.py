@@ -57,6 +57,21 @@ class DSparkDrafter(nn.Module):
             extra = config.markov_rank if config.confidence_head_with_markov else 0
             self.confidence_head = ConfidenceHead(h + extra)
         self.rotary_emb = build_rotary(hf, self.family)
+        # False for a checkpoint saved with shared embeddings until the target's are bound.
+        self.embeddings_bound = True
+
+    @torch.no_grad()
+    def bind_target_embeddings(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
+        """Copy the target's input embedding and LM head (the drafter's frozen shared weights).
+
+        Rows beyond the drafter's vocabulary (padding some engines add) are dropped."""
+        v = self.config.vocab_size
+        for dst, src in ((self.embed_tokens.weight, embed_weight), (self.lm_head.weight, lm_head_weight)):
+            if src.shape[0] < v or src.shape[1] != dst.shape[1]:
+                raise ValueError(f"target embedding of shape {tuple(src.shape)} cannot serve a drafter with "
+                                 f"vocab {v} and hidden {dst.shape[1]}")
+            dst.copy_(src[:v].to(dst.device, dst.dtype))
+        self.embeddings_bound = True
 
     # ---- shapes ---------------------------------------------------------------------------
     @property
@@ -141,6 +156,9 @@ class DSparkDrafter(nn.Module):
         fused=True samples through ``dspark_vllm.kernels.markov_sample`` (Triton on CUDA, the
         PyTorch reference elsewhere; Gumbel-max with per-request ``seeds``) when the head allows;
         gated and RNN heads always use the PyTorch loop."""
+        if not self.embeddings_bound:
+            raise RuntimeError("this drafter shares the target's embeddings (dspark_shared_embeddings); "
+                               "call bind_target_embeddings() or load it with target=<the HF model>")
         anchor = anchor.to(self.device)
         temperature = temperature.to(self.device)
         hidden = self.forward_block(anchor, cache)

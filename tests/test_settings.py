@@ -68,5 +68,5 @@ def test_relative_paths_resolve_against_file(tmp_path):
 
 def test_policy_without_confidence_head_is_explained():
     sched = VerifyLengthScheduler.from_settings(settings_from_dict({}), block_size=4)
-    with pytest.raises(ValueError, match="needs confidences.*use policy: fixed"):
+    with pytest.raises(ValueError, match="needs confidences.*policy: fixed"):
         sched(DraftBlock(tokens=torch.zeros(1, 4, dtype=torch.long), probs=None))

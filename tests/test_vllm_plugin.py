@@ -82,6 +82,16 @@ def test_oracle_drafter_is_fully_accepted_and_corruption_cuts_there(smol, smol_r
     assert res["outputs"][0] == smol_reference[:4]
     per_pos = res["metrics"]["vllm:spec_decode_num_accepted_tokens_per_pos"]
     assert per_pos[0] > 0 and per_pos[2] > 0 and per_pos[3] == 0 and sum(per_pos[3:]) == 0
+    # DSpark's own metrics see the same cut: position 3 is reached but never accepted
+    ds = res["dspark"]
+    assert ds["reached"][3] > 0 and ds["accepted"][3] == 0 and ds["reached"][4:] == [0, 0, 0]
+    assert all(ds["accepted"][k] >= 0.9 * ds["reached"][k] > 0 for k in range(3))
+    # fixed policy: every drafted token is admitted, and vLLM counted exactly the admitted ones
+    assert ds["admitted"] == ds["drafted"] > 0
+    assert ds["admitted"] >= res["metrics"]["vllm:spec_decode_num_draft_tokens"]
+    text = "\n".join(ds["exposition"])
+    assert 'dspark:conditional_acceptance{position="3"} 0.0' in text
+    assert 'dspark:mean_confidence{position="0"}' in text and "dspark:admitted_draft_tokens_per_step 7.0" in text
 
 
 def test_tiny_random_qwen3_target(smol, tmp_path):
@@ -179,6 +189,28 @@ def test_openai_server_chat_completions_streaming_and_abort(smol, smol_reference
 
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert "vllm:spec_decode_num_drafts" in metrics
+        # DSpark's own series cross from the engine process to the API server's /metrics
+        time.sleep(1.0)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        lines = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in metrics.splitlines()
+                 if ln.startswith("dspark:")}
+        assert lines["dspark:draft_steps_total"] > 0
+        assert 0 < lines["dspark:admitted_draft_tokens_total"] <= lines["dspark:drafted_tokens_total"]
+        assert 'dspark:conditional_acceptance{position="0"}' in lines
+        assert 'dspark:mean_confidence{position="0"}' in lines
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_profile_at_startup_measures_and_caches_the_cost_curve(smol, smol_reference, tmp_path):
+    settings = tmp_path / "profiled.yaml"
+    settings.write_text("scheduler:\n  policy: causal_greedy\n  profile_at_startup: true\n  profile_max_tokens: 16\n")
+    cache = tmp_path / "cache"
+    res = run_engine(target=smol["target"], drafter=smol["drafter"], prompts=smol["prompts"][:2], max_tokens=24,
+                     env={"DSPARK_VLLM_CONFIG": str(settings), "DSPARK_VLLM_CACHE": str(cache)})
+    assert res["outputs"][0] == smol_reference[:2]
+    profiles = list((cache / "profiles").glob("*.json"))
+    assert len(profiles) == 1
+    prof = json.loads(profiles[0].read_text())
+    assert prof["tokens"] == [1, 2, 4, 8, 16] and all(ms > 0 for ms in prof["step_ms"])

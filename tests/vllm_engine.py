@@ -10,6 +10,7 @@ import sys
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("DSPARK_VLLM_METRICS_FLUSH_S", "0")
 
 
 def main() -> None:
@@ -37,7 +38,17 @@ def main() -> None:
     for m in llm.get_metrics():
         if m.name.startswith("vllm:spec_decode"):
             metrics[m.name] = getattr(m, "values", None) or getattr(m, "value", None)
-    print("RESULT " + json.dumps({"outputs": outputs, "metrics": metrics}))
+    dspark = {}
+    if os.environ.get("DSPARK_VLLM_METRICS_DIR"):
+        from pathlib import Path
+
+        from prometheus_client import REGISTRY, generate_latest
+
+        from dspark_vllm.vllm_plugin.metrics import merge_snapshots
+
+        dspark = merge_snapshots(Path(os.environ["DSPARK_VLLM_METRICS_DIR"])) or {}
+        dspark["exposition"] = [x for x in generate_latest(REGISTRY).decode().splitlines() if x.startswith("dspark:")]
+    print("RESULT " + json.dumps({"outputs": outputs, "metrics": metrics, "dspark": dspark}))
 
 
 if __name__ == "__main__":

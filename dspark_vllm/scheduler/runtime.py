@@ -75,14 +75,24 @@ class VerifyLengthScheduler:
         return cls(build_policy(settings, cost), load_calibrator(settings, checkpoint_dir, block_size),
                    settings.scheduler.stale_steps)
 
+    def check_drafter(self, has_confidence_head: bool) -> None:
+        """One rule for every engine: only the fixed policy runs without a confidence head."""
+        if not has_confidence_head and not isinstance(self.policy, FixedPolicy):
+            raise ValueError(f"scheduler policy '{self.policy.name}' needs confidences, but the drafter has no "
+                             "confidence head (enable_confidence_head=false); set `scheduler: {policy: fixed}`")
+
+    def confidences(self, confidence_logits: torch.Tensor | None) -> np.ndarray | None:
+        """Calibrated per-position confidences c_k [N, B] (None without a confidence head)."""
+        if confidence_logits is None:
+            return None
+        return self.calibrator.confidence(confidence_logits.detach().float().cpu().numpy())
+
     def lengths(self, confidence_logits: torch.Tensor | None, request_ids: list | None = None,
                 max_lens: np.ndarray | None = None, load: StepLoad | None = None) -> np.ndarray:
         if confidence_logits is None:
-            if not isinstance(self.policy, FixedPolicy):
-                raise ValueError(f"policy '{self.policy.name}' needs confidences, but the drafter has no "
-                                 "confidence head (enable_confidence_head=false); use policy: fixed")
+            self.check_drafter(False)
             raise ValueError("confidence logits are required to size the draft batch")
-        conf = self.calibrator.confidence(confidence_logits.detach().float().cpu().numpy())
+        conf = self.confidences(confidence_logits)
         load = load or self.load
         if isinstance(self.policy, AsyncTopKPolicy):
             ids = request_ids if request_ids is not None else list(range(conf.shape[0]))

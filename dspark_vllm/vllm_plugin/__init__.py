@@ -10,6 +10,8 @@ this vLLM API surface (listed in the README; keep it small):
 * ``GPUModelRunner.__init__`` / ``_get_eagle3_aux_layers_from_config`` (wrapped): turn on the
   target's aux-hidden-state outputs at the checkpoint's ``target_layer_ids``.
 * ``GPUModelRunner.propose_draft_token_ids`` (wrapped): hand our proposer the aux hidden states.
+
+It also registers a prometheus_client collector for DSpark's own metrics (see ``metrics``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def register() -> None:
     except RuntimeError as exc:  # do not break vLLM for users not asking for DSpark
         logger.warning("%s DSpark speculative decoding is disabled.", exc)
         return
-    from . import patches
+    from . import metrics, patches
 
     patches.install()
+    metrics.install_collector()
     _REGISTERED = True

@@ -60,6 +60,10 @@ def prepare_speculative_config(spec) -> None:
         settings = load_settings(settings_path(checkpoint))
         requested = spec.num_speculative_tokens or settings.num_speculative_tokens
         target = spec.target_model_config.hf_config if spec.target_model_config is not None else None
+        if not config.enable_confidence_head and settings.scheduler.policy != "fixed":
+            raise DSparkConfigError(f"scheduler policy '{settings.scheduler.policy}' needs the drafter's confidence "
+                                    "head, but this checkpoint has enable_confidence_head=false; set "
+                                    "`scheduler: {policy: fixed}` in the YAML settings")
         if target is not None:
             validate_against_target(config, target, requested)
         elif requested is not None and requested != config.block_size:
@@ -69,6 +73,12 @@ def prepare_speculative_config(spec) -> None:
         raise DSparkStartupError(f"DSpark start-up failed: {exc}") from None
     os.environ[ENV_CHECKPOINT] = checkpoint
     os.environ[ENV_CONFIG] = str(settings_path(checkpoint))
+    if settings.scheduler.profile_at_startup and spec.target_model_config is not None:
+        from .startup_profile import ENV_COST_PROFILE, ensure_startup_profile
+
+        dtype = str(spec.target_model_config.dtype).replace("torch.", "")
+        os.environ[ENV_COST_PROFILE] = str(ensure_startup_profile(spec.target_model_config.model,
+                                                                  settings.scheduler.profile_max_tokens, dtype))
     spec.num_speculative_tokens = config.block_size
     spec.method = "custom_class"
     spec.model = PROPOSER_PATH

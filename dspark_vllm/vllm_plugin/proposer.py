@@ -8,8 +8,10 @@ aux hidden states. Per request it keeps a row of the drafter's context K/V cache
    decode step the anchor plus the drafts that were accepted (= len(sampled) - 1);
 2. draft a block from [last sampled token, MASK...];
 3. trim each request's block with the configured policy (confidence + step load) and return
-   the per-request token lists; vLLM's rejection sampler verifies them. Drafts are greedy, so
-   their q is one-hot and vLLM's verification is exact at any temperature.
+   the per-request token lists; vLLM's rejection sampler verifies them. With
+   ``draft_sampling: probabilistic`` (default) each request's drafts are sampled at its own
+   temperature and their q goes to vLLM through ``runner._draft_probs``; with ``greedy`` (or at
+   temperature 0) q is one-hot. Either way vLLM's verification keeps the target distribution.
 
 Positions: the context of a request starts where we first see it (after a prefix-cache hit the
 first scheduled position is > 0); RoPE only sees relative offsets, so this is exact for the
@@ -26,9 +28,11 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..scheduler import StepLoad, VerifyLengthScheduler
+from ..scheduler import CostProfile, StepLoad, VerifyLengthScheduler
 from ..settings import load_settings
+from .metrics import DSparkStats
 from .patches import ENV_CHECKPOINT, ENV_CONFIG
+from .startup_profile import ENV_COST_PROFILE
 
 logger = logging.getLogger("dspark_vllm")
 
@@ -72,6 +76,18 @@ class OracleHook:
         return None
 
 
+def target_embedding_weights(target_model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input embedding, LM head) weights of a vLLM causal LM (tied heads share one tensor)."""
+    inner = getattr(target_model, "model", None) or getattr(target_model, "language_model", None)
+    embed = getattr(inner, "embed_tokens", None) if inner is not None else None
+    if embed is None or not hasattr(embed, "weight"):
+        raise RuntimeError(f"cannot find embed_tokens on {type(target_model).__name__}: this DSpark drafter "
+                           "was saved without its embeddings; re-save it with embeddings included")
+    head = getattr(target_model, "lm_head", None)
+    head_weight = getattr(head, "weight", None)
+    return embed.weight, (head_weight if isinstance(head_weight, torch.Tensor) else embed.weight)
+
+
 @dataclass
 class _RequestState:
     row: int
@@ -91,13 +107,20 @@ class DSparkV1Proposer:
         dtype = vllm_config.model_config.dtype
         self.drafter = load_checkpoint(checkpoint, dtype=dtype if isinstance(dtype, torch.dtype) else None)
         self.block_size = self.drafter.block_size
-        self.scheduler = VerifyLengthScheduler.from_settings(self.settings, self.block_size, checkpoint)
+        profiled = os.environ.get(ENV_COST_PROFILE)  # set by profile_at_startup
+        cost = CostProfile.load(profiled) if profiled else None
+        self.scheduler = VerifyLengthScheduler.from_settings(self.settings, self.block_size, checkpoint, cost=cost)
         self.max_reqs = int(vllm_config.scheduler_config.max_num_seqs)
         self.max_num_tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
         self.cache = None
         self.requests: dict[str, _RequestState] = {}
         self.free_rows: list[int] = list(range(self.max_reqs))[::-1]
         self.oracle = OracleHook.from_env()
+        self.scheduler.check_drafter(self.drafter.confidence_head is not None)
+        self.stats = DSparkStats(self.block_size)
+        self.seed_gen = torch.Generator().manual_seed(0)
+        # per request: calibrated confidences of the drafts handed to vLLM last step
+        self.pending: dict[str, list[float]] = {}
         logger.info("DSpark proposer: %s, block %d, policy %s", checkpoint, self.block_size,
                     self.settings.scheduler.policy)
 
@@ -112,7 +135,13 @@ class DSparkV1Proposer:
         return tuple(i + 1 for i in self.drafter.config.target_layer_ids)
 
     def load_model(self, target_model) -> None:
-        pass
+        """vLLM calls this after loading the target: a drafter saved with shared embeddings
+        (``dspark_shared_embeddings``) takes the target's embedding and LM head here."""
+        if self.drafter.embeddings_bound:
+            return
+        embed, lm_head = target_embedding_weights(target_model)
+        self.drafter.bind_target_embeddings(embed, lm_head)
+        logger.info("DSpark drafter bound to the target's embedding and LM head")
 
     def propose(self, *args, **kwargs):
         raise RuntimeError("DSparkV1Proposer.propose is driven through propose_step by the dspark plugin; "
@@ -121,6 +150,7 @@ class DSparkV1Proposer:
     # ---- per step --------------------------------------------------------------------------
     def _release(self, req_id: str) -> None:
         state = self.requests.pop(req_id, None)
+        self.pending.pop(req_id, None)
         if state is not None:
             self.free_rows.append(state.row)
             self.scheduler.stale.forget([req_id])
@@ -161,6 +191,9 @@ class DSparkV1Proposer:
             counts.append(valid)
             starts.append(int(offsets[i]))
             state.next_pos += valid
+            verified = self.pending.pop(req_id, None)
+            if verified and sampled[i]:
+                self.stats.record_outcome(verified, len(verified), len(sampled[i]) - 1)
             if sampled[i]:
                 anchors.append(sampled[i][-1])
                 draft_ids.append((i, state.row))
@@ -177,10 +210,15 @@ class DSparkV1Proposer:
         draft_rows = torch.tensor([row for _, row in draft_ids])
         view = self.cache.rows_view(draft_rows)
         anchor = torch.tensor(anchors, dtype=torch.long)
-        temperature = torch.zeros(len(anchors))  # greedy drafts: one-hot q, exact verification
-        block = self.drafter.propose(anchor, view, temperature, fused=self.drafter.can_fuse_sampling,
-                                     seeds=torch.zeros(len(anchors), dtype=torch.long))
+        temperature = self._draft_temperatures(runner, [i for i, _ in draft_ids])
+        seeds = torch.randint(0, 2**31 - 1, (len(anchors),), generator=self.seed_gen)
+        block = self.drafter.propose(anchor, view, temperature, fused=self.drafter.can_fuse_sampling, seeds=seeds)
+        if block.probs is not None:
+            # q for vLLM's rejection sampler: rows in draft order, looked up by request id
+            runner._draft_probs = block.probs.to(runner.device)
+            runner._draft_prob_req_ids = [req_ids[i] for i, _ in draft_ids]
         lengths = self._lengths(block, [req_ids[i] for i, _ in draft_ids], len(req_ids))
+        conf = self.scheduler.confidences(block.confidence_logits)
         tokens = block.tokens.cpu().tolist()
         if self.oracle is not None:
             batch = runner.input_batch
@@ -189,12 +227,24 @@ class DSparkV1Proposer:
                 known = self.oracle.drafts(history, self.block_size, self.drafter.config.vocab_size)
                 if known is not None:
                     tokens[j] = known
-        for (i, _), toks, n in zip(draft_ids, tokens, lengths):
+        for j, ((i, _), toks, n) in enumerate(zip(draft_ids, tokens, lengths)):
             out[i] = toks[: int(n)]
+            if n > 0:
+                self.pending[req_ids[i]] = conf[j, : int(n)].tolist() if conf is not None else [float("nan")] * int(n)
+        self.stats.record_step(len(draft_ids) * self.block_size, [int(n) for n in lengths])
+        self.stats.maybe_flush()
         return out
 
+    def _draft_temperatures(self, runner, rows: list[int]) -> torch.Tensor:
+        """Per-request draft temperature: the request's own under ``draft_sampling: probabilistic``
+        (drafts sampled from q, q handed to vLLM), else 0 (greedy drafts, one-hot q)."""
+        if self.settings.draft_sampling != "probabilistic":
+            return torch.zeros(len(rows))
+        temps = runner.input_batch.temperature_cpu
+        return torch.tensor([float(temps[i]) for i in rows], dtype=torch.float32)
+
     def _lengths(self, block, req_ids: list[str], num_reqs: int) -> list[int]:
-        if block.confidence_logits is None:
+        if block.confidence_logits is None:  # fixed policy (checked at start-up)
             return [self.block_size] * len(req_ids)
         load = StepLoad(base_tokens=num_reqs - len(req_ids), max_num_tokens=self.max_num_tokens)
         return [int(x) for x in self.scheduler.lengths(block.confidence_logits, req_ids, load=load)]

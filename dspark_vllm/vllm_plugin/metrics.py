@@ -1,0 +1,165 @@
+"""DSpark's own Prometheus metrics, exported on vLLM's ``/metrics``.
+
+The proposer runs in the engine-core/worker process while ``/metrics`` is served by the API
+server process, so the numbers cross the process boundary through small JSON snapshots:
+the worker side (:class:`DSparkStats`) rewrites ``$DSPARK_VLLM_METRICS_DIR/<pid>.json`` at most
+every ``flush_interval_s``; the API-server side (:class:`DSparkCollector`, registered in
+prometheus_client's default registry by the plugin's ``register()``) sums every snapshot in that
+folder at scrape time. ``register()`` creates the folder before vLLM starts the engine process,
+which inherits the variable. (With several API servers vLLM switches prometheus_client to
+multiprocess mode and these metrics are not exported.)
+
+Exported series (position k = 0-based draft index):
+
+* ``dspark:draft_steps_total`` steps in which DSpark drafted; ``dspark:drafted_tokens_total``
+  tokens drafted; ``dspark:admitted_draft_tokens_total`` tokens the verify-length policy kept
+  (what vLLM verifies); ``dspark:admitted_draft_tokens_per_step`` their ratio.
+* ``dspark:position_reached_total{position}`` drafts at k verified after an accepted prefix,
+  ``dspark:position_accepted_total{position}`` those accepted, and
+  ``dspark:conditional_acceptance{position}`` = accepted / reached (paper Fig. 2).
+* ``dspark:mean_confidence{position}`` mean calibrated confidence c_k over the same reached
+  drafts, to read against ``conditional_acceptance`` (a calibrated head makes them equal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+ENV_METRICS_DIR = "DSPARK_VLLM_METRICS_DIR"
+ENV_FLUSH_S = "DSPARK_VLLM_METRICS_FLUSH_S"  # snapshot interval, default 0.5 s
+PREFIX = "dspark:"
+
+
+class DSparkStats:
+    """Worker-side counters; cheap to update every step."""
+
+    def __init__(self, block_size: int, flush_interval_s: float | None = None) -> None:
+        self.block_size = block_size
+        self.steps = 0
+        self.drafted = 0
+        self.admitted = 0
+        self.reached = [0] * block_size
+        self.accepted = [0] * block_size
+        self.confidence_sum = [0.0] * block_size
+        self.flush_interval_s = (float(os.environ.get(ENV_FLUSH_S, 0.5)) if flush_interval_s is None
+                                 else flush_interval_s)
+        self._last_flush = 0.0
+        folder = os.environ.get(ENV_METRICS_DIR)
+        self.path = Path(folder) / f"{os.getpid()}.json" if folder else None
+
+    def record_step(self, drafted: int, admitted: list[int]) -> None:
+        self.steps += 1
+        self.drafted += drafted
+        self.admitted += int(sum(admitted))
+
+    def record_outcome(self, confidences: list[float], num_verified: int, num_accepted: int) -> None:
+        """One request's verified drafts: positions 0..num_accepted-1 accepted, and position
+        num_accepted reached but rejected when num_accepted < num_verified."""
+        reached = min(num_accepted + 1, num_verified)
+        for k in range(reached):
+            self.reached[k] += 1
+            self.confidence_sum[k] += float(confidences[k])
+            if k < num_accepted:
+                self.accepted[k] += 1
+
+    def snapshot(self) -> dict:
+        return {"block_size": self.block_size, "steps": self.steps, "drafted": self.drafted,
+                "admitted": self.admitted, "reached": self.reached, "accepted": self.accepted,
+                "confidence_sum": self.confidence_sum}
+
+    def maybe_flush(self, force: bool = False) -> None:
+        if self.path is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_flush < self.flush_interval_s:
+            return
+        self._last_flush = now
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(self.snapshot()))
+            tmp.replace(self.path)
+        except OSError:  # metrics must never break serving
+            pass
+
+
+def merge_snapshots(folder: Path) -> dict | None:
+    """Sum every worker snapshot in ``folder`` (None when there is none yet)."""
+    total: dict | None = None
+    for f in sorted(folder.glob("*.json")):
+        try:
+            snap = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if total is None:
+            total = snap
+            continue
+        for key in ("steps", "drafted", "admitted"):
+            total[key] += snap[key]
+        for key in ("reached", "accepted", "confidence_sum"):
+            total[key] = [a + b for a, b in zip(total[key], snap[key])]
+    return total
+
+
+class DSparkCollector:
+    """prometheus_client collector reading the snapshots at scrape time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snap = merge_snapshots(self.folder)
+        if snap is None:
+            return
+        for name, key, doc in (("draft_steps", "steps", "steps in which DSpark drafted"),
+                               ("drafted_tokens", "drafted", "draft tokens produced by the drafter"),
+                               ("admitted_draft_tokens", "admitted", "draft tokens kept by the verify-length policy")):
+            yield CounterMetricFamily(PREFIX + name, doc, value=snap[key])
+        per_step = GaugeMetricFamily(PREFIX + "admitted_draft_tokens_per_step", "admitted draft tokens per drafting step")
+        per_step.add_metric([], snap["admitted"] / snap["steps"] if snap["steps"] else 0.0)
+        yield per_step
+        reached = CounterMetricFamily(PREFIX + "position_reached", "drafts at position k verified after an accepted prefix",
+                                      labels=["position"])
+        accepted = CounterMetricFamily(PREFIX + "position_accepted", "drafts at position k accepted", labels=["position"])
+        cond = GaugeMetricFamily(PREFIX + "conditional_acceptance", "P(draft k accepted | prefix accepted)",
+                                 labels=["position"])
+        conf = GaugeMetricFamily(PREFIX + "mean_confidence", "mean calibrated confidence of reached drafts at k",
+                                 labels=["position"])
+        for k in range(snap["block_size"]):
+            pos = [str(k)]
+            r, a = snap["reached"][k], snap["accepted"][k]
+            reached.add_metric(pos, r)
+            accepted.add_metric(pos, a)
+            if r:
+                cond.add_metric(pos, a / r)
+                conf.add_metric(pos, snap["confidence_sum"][k] / r)
+        yield from (reached, accepted, cond, conf)
+
+
+_COLLECTOR: DSparkCollector | None = None
+
+
+def install_collector() -> None:
+    """Create the snapshot folder (inherited by the engine process) and register the collector
+    once per process."""
+    global _COLLECTOR
+    if _COLLECTOR is not None:
+        return
+    folder = os.environ.get(ENV_METRICS_DIR)
+    if not folder:
+        folder = tempfile.mkdtemp(prefix="dspark-metrics-")
+        os.environ[ENV_METRICS_DIR] = folder
+    try:
+        from prometheus_client import REGISTRY
+    except ImportError:
+        return
+    _COLLECTOR = DSparkCollector(Path(folder))
+    REGISTRY.register(_COLLECTOR)

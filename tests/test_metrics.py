@@ -1,0 +1,45 @@
+"""DSpark's Prometheus metrics: worker snapshots, cross-process merge, exposition."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from dspark_vllm.vllm_plugin.metrics import DSparkCollector, DSparkStats, merge_snapshots
+
+
+def test_outcomes_count_reached_and_accepted_positions(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARK_VLLM_METRICS_DIR", str(tmp_path))
+    stats = DSparkStats(block_size=4, flush_interval_s=0.0)
+    stats.record_step(drafted=8, admitted=[3, 2])
+    stats.record_outcome([0.9, 0.8, 0.7], num_verified=3, num_accepted=1)  # 0 accepted, 1 rejected
+    stats.record_outcome([0.6, 0.5], num_verified=2, num_accepted=2)      # all accepted, 2 never verified
+    assert stats.reached == [2, 2, 0, 0]
+    assert stats.accepted == [2, 1, 0, 0]
+    assert [round(x, 9) for x in stats.confidence_sum] == [1.5, 1.3, 0.0, 0.0]
+    stats.maybe_flush()
+    # a second engine process writes its own snapshot; the collector sums them
+    other = {"block_size": 4, "steps": 3, "drafted": 12, "admitted": 5, "reached": [1, 0, 0, 0],
+             "accepted": [0, 0, 0, 0], "confidence_sum": [0.25, 0, 0, 0]}
+    import json
+
+    (tmp_path / "999999.json").write_text(json.dumps(other))
+    merged = merge_snapshots(tmp_path)
+    assert merged["steps"] == 4 and merged["admitted"] == 10 and merged["reached"][0] == 3
+
+    registry = CollectorRegistry()
+    registry.register(DSparkCollector(tmp_path))
+    text = generate_latest(registry).decode()
+    assert "dspark:admitted_draft_tokens_total 10.0" in text
+    assert "dspark:admitted_draft_tokens_per_step 2.5" in text
+    assert 'dspark:conditional_acceptance{position="0"} 0.6666666666666666' in text
+    assert 'dspark:conditional_acceptance{position="1"} 0.5' in text
+    assert 'dspark:mean_confidence{position="0"} 0.58333' in text
+    assert 'dspark:conditional_acceptance{position="2"}' not in text  # never reached: no ratio
+
+
+def test_flush_is_throttled_and_never_raises(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARK_VLLM_METRICS_DIR", str(tmp_path / "missing-folder"))
+    stats = DSparkStats(block_size=2, flush_interval_s=3600)
+    stats.maybe_flush()  # folder does not exist: swallowed
+    stats.maybe_flush(force=True)
+    assert merge_snapshots(tmp_path / "missing-folder") is None
