@@ -70,7 +70,10 @@ class DSparkAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx_k: torch.Tensor, ctx_v: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
-        """x [N, B, H] block states; ctx_k/ctx_v [N, n_kv, T, d]; ctx_mask [N, T] bool."""
+        """x [N, B, H] block states; ctx_k/ctx_v [N, n_kv, T, d]; ctx_mask [N, T] bool (every
+        block token sees the valid context and its whole block) or a full [N, B, T + B] bool mask
+        (training packs many blocks of one sequence into one row, each seeing its own block and
+        the context before its anchor)."""
         n, b, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(n, b, self.num_heads, self.head_dim)).transpose(1, 2)
         q = apply_rope(q, cos, sin)
@@ -81,7 +84,10 @@ class DSparkAttention(nn.Module):
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        mask = torch.cat([ctx_mask, ctx_mask.new_ones(n, b)], dim=1)[:, None, None, :]
+        if ctx_mask.dim() == 3:
+            mask = ctx_mask[:, None]
+        else:
+            mask = torch.cat([ctx_mask, ctx_mask.new_ones(n, b)], dim=1)[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
         return self.o_proj(out.transpose(1, 2).reshape(n, b, -1))
 

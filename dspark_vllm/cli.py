@@ -4,7 +4,10 @@
     dspark-vllm build-drafter     write a random-weight DeepSpec drafter for any HF target
     dspark-vllm calibrate         fit STS temperatures on held-out prompts (+ reliability PNG)
     dspark-vllm compare-policies  run every verify-length policy on the same prompts
+    dspark-vllm train             regenerate data with the target and train a drafter (resumable)
     dspark-vllm bench scheduler   policy latency and expected throughput vs load
+    dspark-vllm bench acceptance  tau / per-position acceptance / tokens/s per dataset (+ PNG)
+    dspark-vllm bench serving     vllm serving throughput at several concurrencies (+ PNG)
 """
 
 from __future__ import annotations
@@ -21,19 +24,16 @@ DEMO_PROMPTS = [
 ]
 
 
-def _demo_drafter_path(target_path: Path, target_model) -> Path:
-    """The demo drafter, built once by the project and stored in DeepSpec format."""
-    from .checkpoint import build_random_drafter, save_checkpoint
-    from .targets import cache_root
-
-    out = cache_root() / "drafters" / f"{target_path.name}-dspark-random-b7"
-    if not (out / "model.safetensors").exists():
-        drafter = build_random_drafter(target_model, num_layers=1, block_size=7, markov_rank=64, seed=0)
-        save_checkpoint(drafter, out)
-    return out
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        from .serve_demo import run_demo
+
+        return run_demo(args.drafter, args.settings, args.max_new_tokens)
+    return cmd_demo_reference(args)
+
+
+def cmd_demo_reference(args: argparse.Namespace) -> int:
+    """The same idea on the reference decoder (HF transformers, no vLLM)."""
     from .prompts import encode_chat
     from .proposers import DSparkProposer
     from .reference_decoder import ReferenceDecoder
@@ -68,9 +68,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n[dspark-vllm] acceptance length tau = {total_spec.tau:.3f} (DeepSpec definition, bonus included)")
     print(f"[dspark-vllm] tokens/s: DSpark {total_spec.tokens_per_second:.2f} vs plain "
           f"{total_plain.tokens_per_second:.2f} -> speed-up {total_spec.tokens_per_second / total_plain.tokens_per_second:.2f}x")
-    if not args.drafter:
-        print("[dspark-vllm] note: the default drafter has random weights (no trained drafter ships yet), "
-              "so tau ~ 1 and speculation costs time; outputs stay identical.")
     return 0
 
 
@@ -86,7 +83,9 @@ def _load_pair(args: argparse.Namespace):
     target_path = Path(args.target) if args.target else smollm2_path()
     tok = AutoTokenizer.from_pretrained(target_path)
     model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
-    drafter_path = Path(args.drafter) if args.drafter else _demo_drafter_path(target_path, model)
+    from .drafters import default_drafter_path
+
+    drafter_path = Path(args.drafter) if args.drafter else default_drafter_path()
     drafter = load_checkpoint(drafter_path, target=model, block_size=getattr(args, "block_size", None))
     return tok, model, drafter, drafter_path
 
@@ -193,9 +192,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import scheduler
+    import importlib
 
-    return scheduler.main(args.rest)
+    return importlib.import_module(f".bench.{args.which}", __package__).main(args.rest)
 
 
 def cmd_build_drafter(args: argparse.Namespace) -> int:
@@ -213,15 +212,45 @@ def cmd_build_drafter(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_TRAIN_DATA = ["gsm8k.jsonl:0:520", "mbpp.jsonl:0:200", "math500.jsonl:0:120",
+                      "livecodebench.jsonl:0:40", "arena-hard-v2.jsonl:0:60"]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .targets import smollm2_path
+    from .training.recipe import DrafterShape, train_drafter
+    from .training.trainer import TrainConfig
+
+    target = str(Path(args.target) if args.target else smollm2_path())
+    root = Path(args.datasets_dir)
+    datasets = [d if Path(d.partition(":")[0]).exists() else str(root / d) for d in (args.data or DEFAULT_TRAIN_DATA)]
+    shape = DrafterShape(num_layers=args.num_layers, block_size=args.block_size, markov_rank=args.markov_rank,
+                         markov_head_type=args.head_type, intermediate_size=args.intermediate_size,
+                         target_layer_ids=[int(i) for i in args.target_layer_ids.split(",")]
+                         if args.target_layer_ids else None)
+    cfg = TrainConfig(steps=args.steps, seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors_per_seq,
+                      lr=args.lr, threads=args.threads, seed=args.seed, save_every=args.save_every)
+    out = train_drafter(target, datasets, Path(args.out), shape, cfg,
+                        data_dir=Path(args.data_dir) if args.data_dir else None,
+                        max_new_tokens=args.max_new_tokens, max_len=args.max_len, backend=args.backend,
+                        time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None,
+                        max_samples=args.max_samples)
+    print(f"[train] drafter written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark-vllm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="speculative decoding on SmolLM2-135M-Instruct with figures")
-    demo.add_argument("--target", help="HF target folder (default: SmolLM2-135M-Instruct from PyPI)")
-    demo.add_argument("--drafter", help="DeepSpec drafter folder (default: project-built)")
+    demo = sub.add_parser("demo", help="serve SmolLM2-135M-Instruct with DSpark (vllm serve) and show it")
+    demo.add_argument("--engine", default="vllm", choices=["vllm", "reference"],
+                      help="vllm: `vllm serve` + OpenAI client; reference: HF reference decoder")
+    demo.add_argument("--target", help="reference engine: HF target folder (default: SmolLM2-135M-Instruct)")
+    demo.add_argument("--drafter", help="DeepSpec drafter folder (default: the shipped SmolLM2 drafter)")
+    demo.add_argument("--settings", help="vllm engine: DSpark YAML (default: configs/llama-smollm2.yaml)")
     demo.add_argument("--block-size", type=int, default=None)
-    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--max-new-tokens", type=int, default=128)
     demo.add_argument("--threads", type=int, default=1)
     demo.set_defaults(func=cmd_demo)
     build = sub.add_parser("build-drafter", help="write a random-weight DeepSpec drafter for a target")
@@ -263,8 +292,35 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--repeats", type=int, default=3)
     prof.add_argument("--threads", type=int, default=1)
     prof.set_defaults(func=cmd_profile)
-    bench = sub.add_parser("bench", help="benchmarks: `bench scheduler [--plot PNG]`")
-    bench.add_argument("which", choices=["scheduler"])
+    train = sub.add_parser("train", help="train a DSpark drafter for a target on its own answers")
+    train.add_argument("--target", help="HF target folder (default: SmolLM2-135M-Instruct)")
+    train.add_argument("--out", required=True, help="drafter folder (resumes if it holds trainer_state.pt)")
+    train.add_argument("--data", action="append", help="path.jsonl[:start:stop], repeatable "
+                       f"(default: {' '.join(DEFAULT_TRAIN_DATA)})")
+    train.add_argument("--datasets-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+    train.add_argument("--data-dir", help="cache folder for answers/features (default: OUT/data)")
+    train.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"], help="answer generation")
+    train.add_argument("--max-new-tokens", type=int, default=256)
+    train.add_argument("--max-len", type=int, default=512, help="prompt + answer tokens kept per sample")
+    train.add_argument("--max-samples", type=int, default=None,
+                       help="capture features for at most this many samples (random subset)")
+    train.add_argument("--num-layers", type=int, default=2)
+    train.add_argument("--intermediate-size", type=int, default=None)
+    train.add_argument("--block-size", type=int, default=7)
+    train.add_argument("--markov-rank", type=int, default=32, help="0 = DFlash-style ablation (no Markov head)")
+    train.add_argument("--head-type", default="vanilla", choices=["vanilla", "gated", "rnn"])
+    train.add_argument("--target-layer-ids", default=None)
+    train.add_argument("--steps", type=int, default=500)
+    train.add_argument("--seqs-per-step", type=int, default=4)
+    train.add_argument("--anchors-per-seq", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--save-every", type=int, default=50)
+    train.add_argument("--time-budget-min", type=float, default=None, help="stop (and save) after this long")
+    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=cmd_train)
+    bench = sub.add_parser("bench", help="benchmarks: `bench scheduler|acceptance|serving ...`")
+    bench.add_argument("which", choices=["scheduler", "acceptance", "serving"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser

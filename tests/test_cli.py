@@ -8,8 +8,18 @@ from dspark_vllm.cli import main
 
 
 @pytest.mark.slow
-def test_demo_prints_measured_figures(capsys):
-    assert main(["demo", "--max-new-tokens", "6"]) == 0
+def test_demo_serves_with_vllm_and_prints_measured_figures(capsys):
+    """The README's main command: two `vllm serve` runs, OpenAI client, figures from /metrics."""
+    assert main(["demo", "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[identical to no speculation: True]") == 4
+    assert "mean acceptance length" in out and "speed-up" in out
+    assert "greedy answers identical to no speculation: True" in out
+
+
+@pytest.mark.slow
+def test_reference_demo_prints_measured_figures(capsys):
+    assert main(["demo", "--engine", "reference", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert "identical to plain greedy: True" in out
     assert "acceptance length tau = " in out and "speed-up" in out

@@ -1,0 +1,144 @@
+"""Acceptance benchmark: tau, per-position conditional acceptance and tokens/s per dataset.
+
+    python -m dspark_vllm.bench.acceptance --drafter dspark=PATH --drafter dflash=PATH \\
+        --data gsm8k.jsonl:1280:1300 --data mbpp.jsonl:230:250 --temperatures 0 1 --plot acc.png
+
+Every drafter decodes the same held-out prompts (batch 1, the DeepSpec evaluator's setting)
+through the reference decoder over the HF target, verifying the full block (policy fixed), so
+tau follows the DeepSpec definition (bonus token included). Plain decoding of the same prompts
+gives the tokens/s baseline. Outputs at T=0 are checked to equal plain greedy decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _label(spec: str) -> str:
+    return Path(spec.partition(":")[0]).stem
+
+
+def run(args: argparse.Namespace) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tqdm.auto import tqdm
+
+    from ..checkpoint import load_checkpoint
+    from ..proposers import DSparkProposer
+    from ..reference_decoder import ReferenceDecoder, SamplingConfig
+    from ..stats import AcceptanceStats
+    from ..target import HFTarget
+    from ..targets import smollm2_path
+    from ..training.data import dataset_prompts
+
+    torch.set_num_threads(args.threads)
+    target = str(Path(args.target) if args.target else smollm2_path())
+    tok = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    drafters = {}
+    for spec in args.drafter:
+        name, _, path = spec.partition("=")
+        drafters[name] = load_checkpoint(path, target=model)
+    stop = (tok.eos_token_id,)
+    results: dict = {"target": target, "rows": []}
+    for data in args.data:
+        prompts = dataset_prompts(data, tok)
+        name = _label(data)
+        plain_out = {}
+        for temp in args.temperatures:
+            sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=temp, stop_token_ids=stop,
+                                      seed=args.seed)
+            plain_stats = AcceptanceStats(1)
+            plain = ReferenceDecoder(HFTarget(model, []), None)
+            for i, ids in enumerate(tqdm(prompts, desc=f"{name} plain T={temp}", unit="prompt", leave=False)):
+                out, st = plain.generate([ids], sampling)
+                plain_stats.merge(st)
+                plain_out[(temp, i)] = out
+            for dname, drafter in drafters.items():
+                dec = ReferenceDecoder(HFTarget(model, drafter.config.target_layer_ids), DSparkProposer(drafter))
+                stats = AcceptanceStats(drafter.block_size)
+                identical = True
+                for i, ids in enumerate(tqdm(prompts, desc=f"{name} {dname} T={temp}", unit="prompt", leave=False)):
+                    out, st = dec.generate([ids], sampling)
+                    stats.merge(st)
+                    if temp == 0:
+                        identical &= out == plain_out[(temp, i)]
+                row = {"dataset": name, "drafter": dname, "temperature": temp, "prompts": len(prompts),
+                       "tau": stats.tau, "cond_accept": stats.conditional_accept_rate(),
+                       "tok_s": stats.tokens_per_second, "plain_tok_s": plain_stats.tokens_per_second,
+                       "speedup": stats.tokens_per_second / max(plain_stats.tokens_per_second, 1e-9),
+                       "identical_to_plain": identical if temp == 0 else None}
+                results["rows"].append(row)
+                print(_format_row(row), flush=True)
+    return results
+
+
+def _format_row(r: dict) -> str:
+    cond = " ".join(f"{x:.2f}" for x in r["cond_accept"])
+    same = "" if r["identical_to_plain"] is None else f"  identical={r['identical_to_plain']}"
+    return (f"{r['dataset']:>14} {r['drafter']:>8} T={r['temperature']:<3} tau={r['tau']:.3f}  "
+            f"cond@k=[{cond}]  {r['tok_s']:.1f} tok/s vs plain {r['plain_tok_s']:.1f} ({r['speedup']:.2f}x){same}")
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    temps = sorted({r["temperature"] for r in rows})
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    drafters = list(dict.fromkeys(r["drafter"] for r in rows))
+    fig, axes = plt.subplots(1, len(temps) + 1, figsize=(5 * (len(temps) + 1), 4))
+    width = 0.8 / len(drafters)
+    for ax, temp in zip(axes, temps):
+        for j, d in enumerate(drafters):
+            vals = [next((r["tau"] for r in rows if r["dataset"] == ds and r["drafter"] == d
+                          and r["temperature"] == temp), 0.0) for ds in datasets]
+            ax.bar([i + j * width for i in range(len(datasets))], vals, width, label=d)
+        ax.set_xticks([i + width * (len(drafters) - 1) / 2 for i in range(len(datasets))], datasets)
+        ax.set_title(f"acceptance length tau, T={temp}")
+        ax.legend()
+    ax = axes[-1]
+    for d in drafters:
+        for ds in datasets:
+            r = next((r for r in rows if r["dataset"] == ds and r["drafter"] == d and r["temperature"] == temps[0]), None)
+            if r:
+                ax.plot(range(len(r["cond_accept"])), r["cond_accept"], marker="o", label=f"{d} {ds}")
+    ax.set_title(f"conditional acceptance per position, T={temps[0]}")
+    ax.set_xlabel("draft position k")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dspark-vllm bench acceptance", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", help="HF target folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--drafter", action="append", required=True, help="NAME=PATH, repeatable")
+    p.add_argument("--data", action="append", required=True, help="path.jsonl[:start:stop] (held-out prompts)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", help="PNG path")
+    p.add_argument("--json", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    results = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

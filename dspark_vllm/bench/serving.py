@@ -1,0 +1,206 @@
+"""Serving benchmark: `vllm serve` throughput and latency at several concurrencies.
+
+    python -m dspark_vllm.bench.serving --drafter PATH --concurrency 1 4 16 --plot serving.png
+
+For each engine configuration (no speculation; DSpark verifying the fixed full block; DSpark
+with the load-aware policy from --settings) one OpenAI-compatible server is started, then for
+each concurrency c, c client threads send greedy chat requests (prompts cycled from --data)
+until --requests-per-client each are done. Reported: output tokens/s over the wall time, mean
+and p90 request latency, ratios to no speculation measured in the same run, and whether every
+greedy answer equals the no-speculation answer to the same prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `vllm serve` process (OpenAI API) for one configuration."""
+
+    def __init__(self, target: str, spec: dict | None, env: dict[str, str], max_num_seqs: int, log: Path) -> None:
+        self.port = _free_port()
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", target, "--dtype", "float32",
+               "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", str(max_num_seqs),
+               "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", "target",
+               "--seed", "0"]
+        if spec:
+            cmd += ["--speculative-config", json.dumps(spec)]
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", **env},
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_healthy(self, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2)
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"vllm serve exited (rc={self.proc.returncode}); see {self.log.name}")
+                if time.time() > deadline:
+                    raise TimeoutError("vllm serve did not become healthy")
+                time.sleep(1)
+
+    def metrics(self) -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith(("vllm:spec_decode_num", "dspark:")) and " " in line:
+                key, value = line.rsplit(" ", 1)
+                try:
+                    v = float(value)
+                except ValueError:
+                    continue
+                out[key] = v
+                name = key.split("{")[0]
+                if name != key:  # also the sum over label sets (engine, model, position)
+                    out[name] = out.get(name, 0.0) + v
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def drive(port: int, prompts: list[str], concurrency: int, per_client: int, max_tokens: int) -> dict:
+    """c client threads, each sending ``per_client`` sequential requests; returns figures + answers."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=600)
+    jobs = [[(c * per_client + i) % len(prompts) for i in range(per_client)] for c in range(concurrency)]
+
+    def worker(indices: list[int]) -> list[tuple[int, str, int, float]]:
+        done = []
+        for idx in indices:
+            t0 = time.perf_counter()
+            r = client.chat.completions.create(model="target", messages=[{"role": "user", "content": prompts[idx]}],
+                                               temperature=0, max_tokens=max_tokens)
+            done.append((idx, r.choices[0].message.content, r.usage.completion_tokens, time.perf_counter() - t0))
+        return done
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = [x for part in pool.map(worker, jobs) for x in part]
+    wall = time.perf_counter() - t0
+    lat = sorted(r[3] for r in results)
+    tokens = sum(r[2] for r in results)
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "latency_mean_s": sum(lat) / len(lat),
+            "latency_p90_s": lat[min(len(lat) - 1, int(0.9 * len(lat)))],
+            "answers": {str(r[0]): r[1] for r in results}}
+
+
+def run(args: argparse.Namespace) -> dict:
+    from ..prompts import load_prompts
+    from ..settings import CONFIGS_DIR
+    from ..targets import smollm2_path
+
+    target = str(Path(args.target) if args.target else smollm2_path())
+    path, _, window = args.data.partition(":")
+    start, _, stop = window.partition(":")
+    prompts = load_prompts(path)[int(start or 0): int(stop) if stop else None]
+    fixed_yaml = Path(tempfile.mkdtemp()) / "fixed.yaml"
+    fixed_yaml.write_text("scheduler:\n  policy: fixed\n")
+    spec = {"method": "dspark", "model": str(Path(args.drafter).resolve())}
+    configs = [("no-spec", None, {}),
+               ("dspark-fixed", spec, {"DSPARK_VLLM_CONFIG": str(fixed_yaml)}),
+               ("dspark-load-aware", spec, {"DSPARK_VLLM_CONFIG": str(Path(args.settings).resolve()
+                                                                    if args.settings else CONFIGS_DIR / "llama-smollm2.yaml")})]
+    logs = Path(args.logs)
+    logs.mkdir(parents=True, exist_ok=True)
+    out: dict = {"target": target, "drafter": args.drafter, "rows": []}
+    for name, spec_cfg, env in configs:
+        server = Server(target, spec_cfg, env, max(args.concurrency), logs / f"{name}.log")
+        try:
+            server.wait_healthy()
+            drive(server.port, prompts, 1, 1, 8)  # warm-up
+            for c in args.concurrency:
+                row = drive(server.port, prompts, c, args.requests_per_client, args.max_tokens)
+                row.update(config=name, concurrency=c)
+                out["rows"].append(row)
+                print(f"{name:>18} c={c:<3} {row['tok_s']:7.2f} tok/s  latency mean {row['latency_mean_s']:.2f} s "
+                      f"p90 {row['latency_p90_s']:.2f} s", flush=True)
+            out.setdefault("metrics", {})[name] = server.metrics()
+        finally:
+            server.stop()
+    _ratios(out)
+    return out
+
+
+def _ratios(out: dict) -> None:
+    base = {r["concurrency"]: r for r in out["rows"] if r["config"] == "no-spec"}
+    print(f"\n{'config':>18} {'c':>3} {'tok/s':>8} {'vs no-spec':>10} {'latency':>8} {'identical':>9}")
+    for r in out["rows"]:
+        b = base.get(r["concurrency"])
+        r["ratio"] = r["tok_s"] / b["tok_s"] if b else None
+        r["identical"] = all(b["answers"].get(k) == v for k, v in r["answers"].items()) if b else None
+        print(f"{r['config']:>18} {r['concurrency']:>3} {r['tok_s']:>8.2f} {r['ratio']:>9.2f}x "
+              f"{r['latency_mean_s']:>7.2f}s {str(r['identical']):>9}")
+
+
+def plot(out: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in dict.fromkeys(r["config"] for r in out["rows"]):
+        rows = [r for r in out["rows"] if r["config"] == name]
+        a.plot([r["concurrency"] for r in rows], [r["tok_s"] for r in rows], marker="o", label=name)
+        b.plot([r["concurrency"] for r in rows], [r["latency_mean_s"] for r in rows], marker="o", label=name)
+    for ax, title in ((a, "output tokens/s"), (b, "mean request latency (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dspark-vllm bench serving", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", help="HF target folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--drafter", required=True, help="DeepSpec drafter folder")
+    p.add_argument("--settings", help="YAML for the load-aware config (default: configs/llama-smollm2.yaml)")
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[3] / "shared/datasets/gsm8k.jsonl:1280:1319"))
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--logs", default="serving-logs")
+    p.add_argument("--plot", help="PNG path")
+    p.add_argument("--json", help="write rows as JSON here")
+    args = p.parse_args(argv)
+    out = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    if args.plot:
+        plot(out, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

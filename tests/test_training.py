@@ -1,0 +1,148 @@
+"""Training recipe: packed teacher-forced blocks match inference, the loss follows the spec,
+checkpoints resume, and a drafter learns a learnable continuation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_qwen3
+from dspark_vllm.checkpoint import build_random_drafter, load_checkpoint, save_checkpoint
+from dspark_vllm.training.batch import anchor_candidates, build_batch
+from dspark_vllm.training.data import Sample, capture_features
+from dspark_vllm.training.loss import LossWeights, dspark_loss
+from dspark_vllm.training.trainer import TrainConfig, Trainer, init_for_training, packed_hidden
+
+LAYERS = [0, 2]
+
+
+def _periodic_samples(n: int, length: int = 40, seed: int = 1) -> list[Sample]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        period = int(torch.randint(2, 5, (1,), generator=g))
+        pattern = torch.randint(0, 120, (period,), generator=g).tolist()
+        seq = (pattern * length)[:length]
+        out.append(Sample(seq[:6], seq[6:]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = make_tiny_qwen3(vocab_size=128, layers=4)
+    samples = _periodic_samples(24)
+    shard = capture_features(model, samples, LAYERS)
+    return model, samples, shard
+
+
+def test_anchor_candidates_need_two_answer_tokens():
+    mask = torch.tensor([False, False, True, True, True, False])
+    assert anchor_candidates(mask).tolist() == [2, 3]
+
+
+def test_packed_blocks_match_inference_forward(setup):
+    """Each packed block sees exactly the context before its anchor, as at inference."""
+    model, samples, shard = setup
+    drafter = build_random_drafter(model, num_layers=2, block_size=4, target_layer_ids=LAYERS, markov_rank=8)
+    init_for_training(drafter, 0)
+    gen = torch.Generator().manual_seed(3)
+    batch = build_batch(shard, [0, 5], anchors_per_seq=5, block_size=4, mask_token_id=drafter.config.mask_token_id,
+                        generator=gen)
+    with torch.no_grad():
+        packed = packed_hidden(drafter, batch)
+    checked = 0
+    for row, seq in enumerate([0, 5]):
+        lo = int(shard.offsets[seq])
+        for b in range(5):
+            anchor_pos = int(batch.block_pos[row, b * 4])
+            anchor_tok = int(batch.block_ids[row, b * 4])
+            cache = drafter.new_cache(1)
+            drafter.add_context(cache, shard.features[lo: lo + anchor_pos][None].float(), torch.tensor([anchor_pos]))
+            with torch.no_grad():
+                ref = drafter.forward_block(torch.tensor([anchor_tok]), cache)
+            torch.testing.assert_close(packed[row * 5 + b], ref[0], rtol=1e-4, atol=1e-4)
+            assert anchor_tok == int(shard.tokens[lo + anchor_pos])
+            checked += 1
+    assert checked == 10
+
+
+def test_labels_prev_and_validity(setup):
+    _, samples, shard = setup
+    gen = torch.Generator().manual_seed(0)
+    batch = build_batch(shard, [1], anchors_per_seq=40, block_size=4, mask_token_id=127, generator=gen)
+    toks = samples[1].tokens
+    n_prompt = len(samples[1].prompt_ids)
+    for b in range(batch.labels.shape[1]):
+        a = int(batch.block_pos[0, b * 4])
+        if batch.labels[0, b, 0] < 0:
+            continue
+        assert a >= n_prompt
+        k = int(batch.valid[0, b].sum())
+        assert k == min(4, len(toks) - a - 1)
+        assert batch.labels[0, b, :k].tolist() == toks[a + 1: a + 1 + k]
+        assert batch.prev[0, b, :k].tolist() == toks[a: a + k]
+
+
+def test_loss_terms_follow_the_spec():
+    torch.manual_seed(0)
+    m, v = 6, 11
+    draft = torch.randn(m, v)
+    target = torch.randn(m, v)
+    labels = torch.randint(0, v, (m,))
+    pos = torch.tensor([0, 1, 2, 0, 1, 0])
+    blocks = torch.tensor([0, 0, 0, 1, 1, 2])
+    conf = torch.randn(m)
+    out = dspark_loss(draft, target, labels, pos, blocks, 3, 3, conf, LossWeights())
+    w = torch.exp(-pos.float() / 4.0)
+    pd, pt = draft.softmax(-1), target.softmax(-1)
+    l1 = (pd - pt).abs().sum(-1)
+    ce = -torch.log_softmax(draft, -1)[torch.arange(m), labels]
+    c_star = (1 - l1 / 2).clamp(0, 1)
+    bce = -(c_star * torch.nn.functional.logsigmoid(conf) + (1 - c_star) * torch.nn.functional.logsigmoid(-conf))
+    expected = (0.1 * (w * ce).sum() + 0.9 * (w * l1).sum() + 1.0 * (w * bce).sum()) / w.sum()
+    assert math.isclose(float(out.loss), float(expected), rel_tol=1e-5)
+    # block 0 is the only fully supervised block of size 3
+    alpha = 1 - l1 / 2
+    assert math.isclose(out.metrics["tau_prob"], float(1 + alpha[0] + alpha[0] * alpha[1] + alpha[:3].prod()),
+                        rel_tol=1e-5)
+
+
+def test_training_learns_and_resumes(setup, tmp_path):
+    model, samples, shard = setup
+    drafter = build_random_drafter(model, num_layers=1, block_size=4, target_layer_ids=LAYERS, markov_rank=8)
+    init_for_training(drafter, 0)
+    cfg = TrainConfig(steps=40, seqs_per_step=4, anchors_per_seq=8, lr=3e-3, warmup=4, save_every=20, log_every=10)
+    first = Trainer(drafter, shard, tmp_path, cfg)
+    first.cfg.steps = 20
+    first.run()
+    # resume in a fresh trainer from the folder; the optimizer step continues at 20
+    drafter2 = build_random_drafter(model, num_layers=1, block_size=4, target_layer_ids=LAYERS, markov_rank=8)
+    second = Trainer(drafter2, shard, tmp_path, TrainConfig(**{**cfg.__dict__, "steps": 40}))
+    assert second.try_resume() and second.step == 20
+    torch.testing.assert_close(drafter2.fc.weight, drafter.fc.weight)
+    second.run()
+    assert second.step == 40
+    import json
+
+    log = [json.loads(x) for x in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert losses[-1] < losses[0]
+    # the saved checkpoint omits the shared embeddings and binds them from the target on load
+    loaded = load_checkpoint(tmp_path, target=model)
+    assert loaded.embeddings_bound
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
+    unbound = load_checkpoint(tmp_path)
+    with pytest.raises(RuntimeError, match="shares the target's embeddings"):
+        unbound.propose(torch.tensor([1]), unbound.new_cache(1), torch.zeros(1))
+
+
+def test_full_checkpoint_still_round_trips(setup, tmp_path):
+    model, _, _ = setup
+    drafter = build_random_drafter(model, num_layers=1, block_size=4, target_layer_ids=LAYERS, markov_rank=8)
+    save_checkpoint(drafter, tmp_path)
+    again = load_checkpoint(tmp_path)
+    for (k, a), (_, b) in zip(drafter.state_dict().items(), again.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
