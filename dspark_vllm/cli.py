@@ -86,7 +86,8 @@ def _load_pair(args: argparse.Namespace):
     from .drafters import default_drafter_path
 
     drafter_path = Path(args.drafter) if args.drafter else default_drafter_path()
-    drafter = load_checkpoint(drafter_path, target=model, block_size=getattr(args, "block_size", None))
+    drafter = load_checkpoint(drafter_path, target=model, block_size=getattr(args, "block_size", None),
+                              dtype=torch.float32)
     return tok, model, drafter, drafter_path
 
 
@@ -168,8 +169,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .scheduler import profile_step_times
     from .targets import smollm2_path
 
-    torch.set_num_threads(args.threads)
     target_path = Path(args.target) if args.target else smollm2_path()
+    if args.engine == "vllm":
+        import subprocess
+        import sys
+
+        from .vllm_plugin import startup_profile
+
+        subprocess.run([sys.executable, startup_profile.__file__, str(target_path), str(args.max_tokens), args.out,
+                        "float32"], check=True)
+        from .scheduler import CostProfile
+
+        prof = CostProfile.load(args.out)
+        for t, ms in zip(prof.tokens, prof.step_ms):
+            print(f"{t:>5} tokens: {ms:8.2f} ms")
+        print(f"cost profile written to {args.out}")
+        return 0
+    torch.set_num_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
     context = torch.randint(0, model.config.vocab_size, (1, args.context))
     with torch.no_grad():
@@ -229,13 +245,25 @@ def cmd_train(args: argparse.Namespace) -> int:
                          target_layer_ids=[int(i) for i in args.target_layer_ids.split(",")]
                          if args.target_layer_ids else None)
     cfg = TrainConfig(steps=args.steps, seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors_per_seq,
-                      lr=args.lr, threads=args.threads, seed=args.seed, save_every=args.save_every)
+                      lr=args.lr, threads=args.threads, seed=args.seed, save_every=args.save_every,
+                      loss_vocab=args.loss_vocab, negatives=args.negatives)
     out = train_drafter(target, datasets, Path(args.out), shape, cfg,
                         data_dir=Path(args.data_dir) if args.data_dir else None,
                         max_new_tokens=args.max_new_tokens, max_len=args.max_len, backend=args.backend,
                         time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None,
                         max_samples=args.max_samples)
     print(f"[train] drafter written to {out}")
+    return 0
+
+
+def cmd_export_drafter(args: argparse.Namespace) -> int:
+    import torch
+
+    from .training.recipe import export_drafter
+
+    out = export_drafter(Path(args.src), Path(args.out), getattr(torch, args.dtype))
+    size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
+    print(f"{out}: {size:.1f} MB")
     return 0
 
 
@@ -286,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.set_defaults(func=cmd_compare_policies)
     prof = sub.add_parser("profile", help="measure the target's step cost vs tokens into a JSON profile")
     prof.add_argument("--target", help="HF target folder (default: SmolLM2-135M-Instruct)")
+    prof.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                      help="hf: transformers forward with a KV cache; vllm: N-token forwards of a plain vLLM engine")
     prof.add_argument("--out", default="cost_profile.json")
     prof.add_argument("--context", type=int, default=256)
     prof.add_argument("--max-tokens", type=int, default=128)
@@ -314,11 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seqs-per-step", type=int, default=4)
     train.add_argument("--anchors-per-seq", type=int, default=64)
     train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--loss-vocab", default="full", choices=["full", "active"],
+                       help="active: softmax over the answers' tokens + random negatives (faster on CPU)")
+    train.add_argument("--negatives", type=int, default=4096)
     train.add_argument("--save-every", type=int, default=50)
     train.add_argument("--time-budget-min", type=float, default=None, help="stop (and save) after this long")
     train.add_argument("--threads", type=int, default=2)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=cmd_train)
+    export = sub.add_parser("export-drafter", help="release copy of a trained drafter (fp16, shared embeddings)")
+    export.add_argument("--src", required=True)
+    export.add_argument("--out", required=True)
+    export.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    export.set_defaults(func=cmd_export_drafter)
     bench = sub.add_parser("bench", help="benchmarks: `bench scheduler|acceptance|serving ...`")
     bench.add_argument("which", choices=["scheduler", "acceptance", "serving"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)

@@ -132,9 +132,13 @@ class DSparkDrafter(nn.Module):
             x = layer(x, cos, sin, cache.keys[i][:, :, :upto], cache.values[i][:, :, :upto], mask)
         return self.norm(x)
 
-    def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """U_k = lm_head(h_k) in fp32; Gemma4 soft-caps here, before the Markov bias is added."""
-        logits = self.lm_head(hidden).float()
+    def base_logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """U_k = lm_head(h_k) in fp32; Gemma4 soft-caps here, before the Markov bias is added.
+        ``vocab`` restricts the logits to those token ids (training on a vocabulary subset)."""
+        if vocab is None:
+            logits = self.lm_head(hidden).float()
+        else:
+            logits = (hidden @ self.lm_head.weight[vocab].t()).float()
         cap = self.config.final_logit_softcapping if self.family == "gemma4" else None
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -35,25 +35,30 @@ class MarkovHead(nn.Module):
         """W1[prev]: the r-dim Markov feature of the previous token (also feeds the confidence head)."""
         return self.markov_w1(prev_tokens)
 
-    def project(self, latent: torch.Tensor) -> torch.Tensor:
-        """Map an r-dim latent to a V-dim logit bias with W2, in fp32."""
-        return self.markov_w2(latent).float()
+    def project(self, latent: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """Map an r-dim latent to a V-dim logit bias with W2, in fp32 (only the ``vocab`` rows
+        when given: training on a vocabulary subset)."""
+        if vocab is None:
+            return self.markov_w2(latent).float()
+        return (latent @ self.markov_w2.weight[vocab].t()).float()
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         return None
 
     def step_bias(
-        self, hidden: torch.Tensor, prev_tokens: torch.Tensor, state: torch.Tensor | None
+        self, hidden: torch.Tensor, prev_tokens: torch.Tensor, state: torch.Tensor | None,
+        vocab: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Bias for one block position. hidden [N, H], prev_tokens [N] -> ([N, V] fp32, state)."""
-        return self.project(self.prev_embedding(prev_tokens)), state
+        return self.project(self.prev_embedding(prev_tokens), vocab), state
 
-    def block_bias(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
+    def block_bias(self, hidden: torch.Tensor, prev_tokens: torch.Tensor,
+                   vocab: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced biases for a whole block: hidden [N, B, H], prev [N, B] -> [N, B, V]."""
         state = self.init_state(hidden.shape[0], hidden.device, hidden.dtype)
         out = []
         for k in range(hidden.shape[1]):
-            bias, state = self.step_bias(hidden[:, k], prev_tokens[:, k], state)
+            bias, state = self.step_bias(hidden[:, k], prev_tokens[:, k], state, vocab)
             out.append(bias)
         return torch.stack(out, dim=1)
 
@@ -61,8 +66,9 @@ class MarkovHead(nn.Module):
 class VanillaMarkovHead(MarkovHead):
     """The paper's default head; stateless, so the block bias is one batched GEMM."""
 
-    def block_bias(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
-        return self.project(self.prev_embedding(prev_tokens))
+    def block_bias(self, hidden: torch.Tensor, prev_tokens: torch.Tensor,
+                   vocab: torch.Tensor | None = None) -> torch.Tensor:
+        return self.project(self.prev_embedding(prev_tokens), vocab)
 
 
 class GatedMarkovHead(MarkovHead):
@@ -74,15 +80,16 @@ class GatedMarkovHead(MarkovHead):
         super().__init__(vocab_size, rank, hidden_size)
         self.gate_proj = nn.Linear(hidden_size + rank, rank)
 
-    def step_bias(self, hidden, prev_tokens, state):
+    def step_bias(self, hidden, prev_tokens, state, vocab=None):
         emb = self.prev_embedding(prev_tokens).to(hidden.dtype)
         gate = torch.sigmoid(self.gate_proj(torch.cat([hidden, emb], dim=-1)))
-        return self.project(gate * emb), state
+        return self.project(gate * emb, vocab), state
 
-    def block_bias(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
+    def block_bias(self, hidden: torch.Tensor, prev_tokens: torch.Tensor,
+                   vocab: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.prev_embedding(prev_tokens).to(hidden.dtype)
         gate = torch.sigmoid(self.gate_proj(torch.cat([hidden, emb], dim=-1)))
-        return self.project(gate * emb)
+        return self.project(gate * emb, vocab)
 
 
 class RNNHead(MarkovHead):
@@ -101,13 +108,13 @@ class RNNHead(MarkovHead):
     def init_state(self, batch, device, dtype):
         return torch.zeros(batch, self.rank, device=device, dtype=dtype)
 
-    def step_bias(self, hidden, prev_tokens, state):
+    def step_bias(self, hidden, prev_tokens, state, vocab=None):
         assert state is not None, "RNNHead needs the state from init_state()"
         emb = self.prev_embedding(prev_tokens).to(hidden.dtype)
         gate_raw, cand_raw, out_raw = self.joint_proj(torch.cat([state, emb, hidden], dim=-1)).chunk(3, dim=-1)
         gate = torch.sigmoid(gate_raw)
         new_state = gate * state + (1.0 - gate) * torch.tanh(cand_raw)
-        return self.project(torch.tanh(out_raw)), new_state
+        return self.project(torch.tanh(out_raw), vocab), new_state
 
 
 MARKOV_HEADS: dict[str, type[MarkovHead]] = {

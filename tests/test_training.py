@@ -146,3 +146,36 @@ def test_full_checkpoint_still_round_trips(setup, tmp_path):
     again = load_checkpoint(tmp_path)
     for (k, a), (_, b) in zip(drafter.state_dict().items(), again.state_dict().items()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+@pytest.mark.parametrize("head_type", ["vanilla", "gated", "rnn"])
+def test_vocabulary_subset_logits_are_the_full_logits_columns(setup, head_type):
+    """loss_vocab='active' computes exactly the chosen columns of the full draft/target logits."""
+    from dspark_vllm.training.trainer import target_logits, teacher_forced_outputs
+
+    model, _, shard = setup
+    drafter = build_random_drafter(model, num_layers=1, block_size=4, target_layer_ids=LAYERS, markov_rank=8,
+                                   markov_head_type=head_type)
+    batch = build_batch(shard, [2, 3], anchors_per_seq=6, block_size=4, mask_token_id=drafter.config.mask_token_id,
+                        generator=torch.Generator().manual_seed(0))
+    vocab = torch.tensor([0, 5, 17, 64, 100, 127])
+    with torch.no_grad():
+        full, conf_full, bi, pos, _ = teacher_forced_outputs(drafter, batch)
+        sub, conf_sub, bi2, pos2, _ = teacher_forced_outputs(drafter, batch, vocab)
+        torch.testing.assert_close(sub, full[:, vocab], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(conf_sub, conf_full)
+        torch.testing.assert_close(target_logits(drafter, batch, bi, pos, vocab),
+                                   target_logits(drafter, batch, bi, pos)[:, vocab], rtol=1e-5, atol=1e-5)
+
+
+def test_active_vocabulary_training_step_covers_every_label(setup, tmp_path):
+    model, _, shard = setup
+    drafter = build_random_drafter(model, num_layers=1, block_size=4, target_layer_ids=LAYERS, markov_rank=8)
+    trainer = Trainer(drafter, shard, tmp_path, TrainConfig(loss_vocab="active", negatives=16, seqs_per_step=2,
+                                                            anchors_per_seq=4))
+    answers = set(shard.tokens[shard.loss_mask].tolist())
+    assert set(trainer.active.tolist()) == answers
+    vocab = trainer.step_vocabulary()
+    assert answers <= set(vocab.tolist()) and len(vocab) <= len(answers) + 16
+    metrics = trainer.train_step()
+    assert math.isfinite(metrics["loss"]) and metrics["tokens"] > 0

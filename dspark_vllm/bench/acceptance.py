@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> dict:
     drafters = {}
     for spec in args.drafter:
         name, _, path = spec.partition("=")
-        drafters[name] = load_checkpoint(path, target=model)
+        drafters[name] = load_checkpoint(path, target=model, dtype=torch.float32)
     stop = (tok.eos_token_id,)
     results: dict = {"target": target, "rows": []}
     for data in args.data:

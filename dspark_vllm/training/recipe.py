@@ -73,3 +73,18 @@ def _with_intermediate(model, drafter, size: int, seed: int, kwargs):
         new.embed_tokens.weight.copy_(drafter.embed_tokens.weight)
         new.lm_head.weight.copy_(drafter.lm_head.weight)
     return new
+
+
+def export_drafter(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Release copy of a trained drafter: weights in ``dtype`` without the shared embeddings,
+    plus its training log and calibration (no optimizer state, no data)."""
+    import shutil
+
+    from ..checkpoint import load_checkpoint, save_checkpoint
+
+    drafter = load_checkpoint(src, dtype=dtype)
+    save_checkpoint(drafter, out, shared_embeddings=True)
+    for name in ("training_log.jsonl", "calibration.json", "TRAINING.md"):
+        if (Path(src) / name).exists() and Path(src).resolve() != Path(out).resolve():
+            shutil.copy(Path(src) / name, Path(out) / name)
+    return Path(out)

@@ -41,6 +41,12 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int = 2
+    # "full": softmax over the whole vocabulary (DeepSpec). "active": over the tokens that occur
+    # in the training answers plus `negatives` random other ids drawn fresh each step (a sampled
+    # softmax; both distributions renormalised on that subset) - several times cheaper on CPU,
+    # where the LM-head GEMMs are most of a step.
+    loss_vocab: str = "full"
+    negatives: int = 4096
     loss: LossWeights = field(default_factory=LossWeights)
 
 
@@ -86,19 +92,20 @@ def packed_hidden(drafter: DSparkDrafter, batch: TrainBatch) -> torch.Tensor:
     return drafter.norm(x).view(s_n * a_n, b_n, -1)
 
 
-def teacher_forced_outputs(drafter: DSparkDrafter, batch: TrainBatch):
+def teacher_forced_outputs(drafter: DSparkDrafter, batch: TrainBatch, vocab: torch.Tensor | None = None):
     """Run the packed blocks; return (draft logits, confidence logits, flat index tensors) for
-    the supervised positions only (the LM head GEMM dominates the cost, so padding is skipped)."""
+    the supervised positions only (the LM head GEMM dominates the cost, so padding is skipped).
+    With ``vocab`` the logits cover only those token ids."""
     hidden = packed_hidden(drafter, batch)
     s_n, a_n, b_n = batch.labels.shape
     valid = batch.valid.view(s_n * a_n, b_n)
     block_index, pos = torch.nonzero(valid, as_tuple=True)
     h = hidden[block_index, pos]
     prev = batch.prev.view(s_n * a_n, b_n)[block_index, pos]
-    logits = drafter.base_logits(h)
+    logits = drafter.base_logits(h, vocab)
     head = drafter.markov_head
     if head is not None:
-        logits = logits + head.block_bias(h[:, None], prev[:, None])[:, 0]
+        logits = logits + head.block_bias(h[:, None], prev[:, None], vocab)[:, 0]
     conf = None
     if drafter.confidence_head is not None:
         emb = head.prev_embedding(prev) if (head is not None and drafter.config.confidence_head_with_markov) else None
@@ -107,11 +114,17 @@ def teacher_forced_outputs(drafter: DSparkDrafter, batch: TrainBatch):
 
 
 @torch.no_grad()
-def target_logits(drafter: DSparkDrafter, batch: TrainBatch, block_index: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def target_logits(drafter: DSparkDrafter, batch: TrainBatch, block_index: torch.Tensor, pos: torch.Tensor,
+                  vocab: torch.Tensor | None = None) -> torch.Tensor:
     """The target's own logits at each supervised label: frozen lm_head on its last hidden state."""
     s_n, a_n, b_n = batch.labels.shape
     th = batch.target_hidden.view(s_n * a_n, b_n, -1)[block_index, pos]
-    return drafter.base_logits(th.to(drafter.dtype))
+    return drafter.base_logits(th.to(drafter.dtype), vocab)
+
+
+def active_vocabulary(shard: FeatureShard) -> torch.Tensor:
+    """Sorted ids of every token that occurs in the training answers (all labels are among them)."""
+    return torch.unique(shard.tokens[shard.loss_mask])
 
 
 class Trainer:
@@ -127,6 +140,17 @@ class Trainer:
         self.step = 0
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.elapsed = 0.0
+        if cfg.loss_vocab not in ("full", "active"):
+            raise ValueError(f"loss_vocab must be 'full' or 'active', not {cfg.loss_vocab!r}")
+        self.active = active_vocabulary(shard) if cfg.loss_vocab == "active" else None
+
+    def step_vocabulary(self) -> torch.Tensor | None:
+        """This step's loss vocabulary: None (full) or active ids + fresh random negatives."""
+        if self.active is None:
+            return None
+        vocab_size = self.drafter.config.vocab_size
+        negatives = torch.randint(0, vocab_size, (self.cfg.negatives,), generator=self.gen)
+        return torch.unique(torch.cat([self.active, negatives]))
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self) -> None:
@@ -154,10 +178,13 @@ class Trainer:
         seqs = torch.randint(0, self.shard.num_samples, (cfg.seqs_per_step,), generator=self.gen).tolist()
         batch = build_batch(self.shard, seqs, cfg.anchors_per_seq, self.drafter.block_size,
                             self.drafter.config.mask_token_id, self.gen)
-        logits, conf, block_index, pos, n_blocks = teacher_forced_outputs(self.drafter, batch)
-        tgt = target_logits(self.drafter, batch, block_index, pos)
+        vocab = self.step_vocabulary()
+        logits, conf, block_index, pos, n_blocks = teacher_forced_outputs(self.drafter, batch, vocab)
+        tgt = target_logits(self.drafter, batch, block_index, pos, vocab)
         s_n, a_n, b_n = batch.labels.shape
         labels = batch.labels.view(s_n * a_n, b_n)[block_index, pos]
+        if vocab is not None:  # label ids -> positions in the subset (labels are answer tokens)
+            labels = torch.searchsorted(vocab, labels)
         out = dspark_loss(logits, tgt, labels, pos, block_index, n_blocks, b_n, conf, cfg.loss)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, cfg)
