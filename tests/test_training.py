@@ -179,3 +179,20 @@ def test_active_vocabulary_training_step_covers_every_label(setup, tmp_path):
     assert answers <= set(vocab.tolist()) and len(vocab) <= len(answers) + 16
     metrics = trainer.train_step()
     assert math.isfinite(metrics["loss"]) and metrics["tokens"] > 0
+
+
+def test_saved_fc_takes_raw_features(setup, tmp_path):
+    """Training runs fc on features / scale; the checkpoint's fc must give the same fused context
+    on raw features (the scale is folded into the weight)."""
+    model, _, shard = setup
+    drafter = build_random_drafter(model, num_layers=1, block_size=4, target_layer_ids=LAYERS, markov_rank=8)
+    init_for_training(drafter, 0)
+    trainer = Trainer(drafter, shard, tmp_path, TrainConfig(seqs_per_step=2, anchors_per_seq=4))
+    assert trainer.feature_scale.shape == (shard.features.shape[1],)
+    trainer.train_step()
+    trainer.save()
+    raw = shard.features[:10].float()
+    loaded = load_checkpoint(tmp_path, target=model, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.fuse_context(raw), drafter.fuse_context(raw / trainer.feature_scale),
+                                   rtol=1e-4, atol=1e-4)

@@ -21,7 +21,9 @@ def run_engine(**args) -> dict:
     proc = subprocess.run([sys.executable, ENGINE, json.dumps(args)], capture_output=True, text=True, timeout=600)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            result = json.loads(line[len("RESULT "):])
+            result["stderr"] = proc.stderr
+            return result
     raise AssertionError(f"engine failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
@@ -214,3 +216,15 @@ def test_profile_at_startup_measures_and_caches_the_cost_curve(smol, smol_refere
     assert len(profiles) == 1
     prof = json.loads(profiles[0].read_text())
     assert prof["tokens"] == [1, 2, 4, 8, 16] and all(ms > 0 for ms in prof["step_ms"])
+
+
+def test_probabilistic_drafts_hand_q_to_vllms_rejection_sampler(smol, tmp_path):
+    """At temperature 1 every drafting request has its q cached for vLLM (no fallback to the
+    legacy path, which vLLM announces with a warning), and sampling runs to completion."""
+    settings = tmp_path / "prob.yaml"
+    settings.write_text("draft_sampling: probabilistic\nscheduler:\n  policy: fixed\n")
+    res = run_engine(target=smol["target"], drafter=smol["drafter"], prompts=smol["prompts"][:4], max_tokens=16,
+                     temperature=1.0, seed=7, ignore_eos=True, env={"DSPARK_VLLM_CONFIG": str(settings)})
+    assert [len(o) for o in res["outputs"][0]] == [16] * 4
+    assert res["metrics"]["vllm:spec_decode_num_drafts"] > 0
+    assert "Missing cached draft probabilities" not in res["stderr"]

@@ -29,7 +29,8 @@ def main() -> None:
     llm = LLM(args["target"], dtype="float32", enforce_eager=True, max_model_len=args.get("max_model_len", 512),
               enable_prefix_caching=args.get("prefix_caching", True), disable_log_stats=False,
               max_num_seqs=args.get("max_num_seqs", 16), seed=0, **kwargs)
-    params = SamplingParams(temperature=0.0, max_tokens=args.get("max_tokens", 24), ignore_eos=args.get("ignore_eos", False))
+    params = SamplingParams(temperature=args.get("temperature", 0.0), max_tokens=args.get("max_tokens", 24),
+                            ignore_eos=args.get("ignore_eos", False), seed=args.get("seed"))
     outputs = []
     for _ in range(args.get("repeat", 1)):
         results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in args["prompts"]], params, use_tqdm=False)

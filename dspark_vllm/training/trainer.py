@@ -122,6 +122,18 @@ def target_logits(drafter: DSparkDrafter, batch: TrainBatch, block_index: torch.
     return drafter.base_logits(th.to(drafter.dtype), vocab)
 
 
+def feature_scale(shard: FeatureShard, sample: int = 20000) -> torch.Tensor:
+    """Per-dimension RMS of the target features [m*H] (from an evenly spaced sample).
+
+    Target residual streams carry a few huge "massive activation" dimensions (hundreds, vs ~1
+    elsewhere), which would dominate ``fc`` at a random init. Training therefore runs ``fc`` on
+    features divided by this scale and folds the scale back into ``fc.weight`` when saving:
+    fc_saved(x) = W (x / s) exactly, so the checkpoint format and inference are unchanged."""
+    idx = torch.linspace(0, len(shard.features) - 1, min(sample, len(shard.features))).long()
+    rms = shard.features[idx].float().pow(2).mean(0).sqrt()
+    return rms.clamp_min(1e-3)
+
+
 def active_vocabulary(shard: FeatureShard) -> torch.Tensor:
     """Sorted ids of every token that occurs in the training answers (all labels are among them)."""
     return torch.unique(shard.tokens[shard.loss_mask])
@@ -143,6 +155,9 @@ class Trainer:
         if cfg.loss_vocab not in ("full", "active"):
             raise ValueError(f"loss_vocab must be 'full' or 'active', not {cfg.loss_vocab!r}")
         self.active = active_vocabulary(shard) if cfg.loss_vocab == "active" else None
+        # fc.weight is trained in the normalised parametrisation (see feature_scale); a fresh
+        # init is used as such, a resumed checkpoint is converted in try_resume.
+        self.feature_scale = feature_scale(shard)
 
     def step_vocabulary(self) -> torch.Tensor | None:
         """This step's loss vocabulary: None (full) or active ids + fresh random negatives."""
@@ -154,7 +169,12 @@ class Trainer:
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self) -> None:
-        save_checkpoint(self.drafter, self.out, shared_embeddings=True)
+        fc = self.drafter.fc.weight
+        with torch.no_grad():
+            trained = fc.detach().clone()
+            fc.div_(self.feature_scale)  # fold the input scaling back: the checkpoint takes raw features
+            save_checkpoint(self.drafter, self.out, shared_embeddings=True)
+            fc.copy_(trained)
         torch.save({"step": self.step, "optimizer": self.opt.state_dict(), "generator": self.gen.get_state(),
                     "elapsed": self.elapsed, "config": asdict(self.cfg)}, self.out / STATE_FILE)
 
@@ -165,6 +185,8 @@ class Trainer:
         from ..checkpoint import load_weights_into
 
         load_weights_into(self.drafter, self.out)
+        with torch.no_grad():
+            self.drafter.fc.weight.mul_(self.feature_scale)
         state = torch.load(path, weights_only=False)
         self.opt.load_state_dict(state["optimizer"])
         self.gen.set_state(state["generator"])
@@ -178,6 +200,7 @@ class Trainer:
         seqs = torch.randint(0, self.shard.num_samples, (cfg.seqs_per_step,), generator=self.gen).tolist()
         batch = build_batch(self.shard, seqs, cfg.anchors_per_seq, self.drafter.block_size,
                             self.drafter.config.mask_token_id, self.gen)
+        batch.context = batch.context.float() / self.feature_scale
         vocab = self.step_vocabulary()
         logits, conf, block_index, pos, n_blocks = teacher_forced_outputs(self.drafter, batch, vocab)
         tgt = target_logits(self.drafter, batch, block_index, pos, vocab)
