@@ -93,7 +93,8 @@ def test_oracle_drafter_is_fully_accepted_and_corruption_cuts_there(smol, smol_r
     assert ds["admitted"] >= res["metrics"]["vllm:spec_decode_num_draft_tokens"]
     text = "\n".join(ds["exposition"])
     assert 'dspark:conditional_acceptance{position="3"} 0.0' in text
-    assert 'dspark:mean_confidence{position="0"}' in text and "dspark:admitted_draft_tokens_per_step 7.0" in text
+    assert 'dspark:mean_confidence{position="0"}' in text
+    assert f"dspark:admitted_draft_tokens_per_step {ds['admitted'] / ds['steps']}" in text
 
 
 def test_tiny_random_qwen3_target(smol, tmp_path):
@@ -228,3 +229,11 @@ def test_probabilistic_drafts_hand_q_to_vllms_rejection_sampler(smol, tmp_path):
     assert [len(o) for o in res["outputs"][0]] == [16] * 4
     assert res["metrics"]["vllm:spec_decode_num_drafts"] > 0
     assert "Missing cached draft probabilities" not in res["stderr"]
+
+
+def test_more_requests_than_draft_rows(smol, smol_reference):
+    """Draft-context rows are recycled when requests leave the batch: 8 requests, 2 at a time,
+    twice over, stay exact (a leak would run out of rows)."""
+    res = run_engine(target=smol["target"], drafter=smol["drafter"], prompts=smol["prompts"], max_tokens=24,
+                     max_num_seqs=2, repeat=2)
+    assert res["outputs"][0] == smol_reference and res["outputs"][1] == smol_reference

@@ -168,9 +168,12 @@ class DSparkV1Proposer:
 
     @torch.no_grad()
     def propose_step(self, runner, scheduler_output, sampled_token_ids, aux_hidden_states) -> list[list[int]]:
-        for req_id in scheduler_output.finished_req_ids:
-            self._release(req_id)
         req_ids = list(runner.input_batch.req_ids)
+        # Free rows of requests that left the batch (finished, aborted, preempted). vLLM does not
+        # call us every step, so finished_req_ids alone can miss some; the batch is the truth.
+        active = set(req_ids)
+        for req_id in [r for r in self.requests if r not in active] + list(scheduler_output.finished_req_ids):
+            self._release(req_id)
         if isinstance(sampled_token_ids, torch.Tensor):
             sampled = [[t for t in row if t >= 0] for row in sampled_token_ids.tolist()]
         else:
