@@ -208,6 +208,7 @@ def build_drafter_config(
     markov_head_type: str = "vanilla",
     enable_confidence_head: bool = True,
     confidence_head_with_markov: bool = True,
+    intermediate_size: int | None = None,
 ) -> DSparkConfig:
     """A DeepSpec drafter config for ``target``: a copy of its text config plus drafter keys."""
     tgt = copy.deepcopy(target_text_config(target))
@@ -230,6 +231,8 @@ def build_drafter_config(
         enable_confidence_head=enable_confidence_head,
         markov_rank=markov_rank,
     )
+    if intermediate_size:  # the drafter's own MLP width (default: the target's)
+        raw["intermediate_size"] = int(intermediate_size)
     if enable_confidence_head:
         raw["confidence_head_with_markov"] = bool(confidence_head_with_markov and markov_rank > 0)
     if markov_rank > 0:

@@ -171,14 +171,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     target_path = Path(args.target) if args.target else smollm2_path()
     if args.engine == "vllm":
-        import subprocess
-        import sys
-
-        from .vllm_plugin import startup_profile
-
-        subprocess.run([sys.executable, startup_profile.__file__, str(target_path), str(args.max_tokens), args.out,
-                        "float32"], check=True)
         from .scheduler import CostProfile
+        from .vllm_plugin.startup_profile import measure_profile
+
+        measure_profile(str(target_path), args.max_tokens, Path(args.out), "float32")
 
         prof = CostProfile.load(args.out)
         for t, ms in zip(prof.tokens, prof.step_ms):

@@ -134,3 +134,15 @@ def test_config_validates_on_build(tiny_qwen3):
     validate_against_target(cfg, tiny_qwen3)
     with pytest.raises(CheckpointMismatchError):
         build_drafter_config(tiny_qwen3, target_layer_ids=[3])  # last layer is excluded
+
+
+def test_drafter_mlp_width_is_stored_and_reloaded(tmp_path):
+    from conftest import make_tiny_qwen3
+    from dspark_vllm.checkpoint import build_random_drafter, load_checkpoint, load_config, save_checkpoint
+
+    target = make_tiny_qwen3()
+    drafter = build_random_drafter(target, num_layers=1, block_size=4, markov_rank=8, intermediate_size=48)
+    assert drafter.layers[0].mlp.up_proj.out_features == 48
+    save_checkpoint(drafter, tmp_path)
+    assert load_config(tmp_path).raw["intermediate_size"] == 48
+    assert load_checkpoint(tmp_path, target=target).layers[0].mlp.up_proj.out_features == 48

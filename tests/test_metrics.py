@@ -11,8 +11,8 @@ def test_outcomes_count_reached_and_accepted_positions(tmp_path, monkeypatch):
     monkeypatch.setenv("DSPARK_VLLM_METRICS_DIR", str(tmp_path))
     stats = DSparkStats(block_size=4, flush_interval_s=0.0)
     stats.record_step(drafted=8, admitted=[3, 2])
-    stats.record_outcome([0.9, 0.8, 0.7], num_verified=3, num_accepted=1)  # 0 accepted, 1 rejected
-    stats.record_outcome([0.6, 0.5], num_verified=2, num_accepted=2)      # all accepted, 2 never verified
+    stats.record_outcome([0.9, 0.8, 0.7], num_accepted=1)  # position 0 accepted, 1 rejected, 2 not reached
+    stats.record_outcome([0.6, 0.5], num_accepted=2)      # both verified drafts accepted
     assert stats.reached == [2, 2, 0, 0]
     assert stats.accepted == [2, 1, 0, 0]
     assert [round(x, 9) for x in stats.confidence_sum] == [1.5, 1.3, 0.0, 0.0]

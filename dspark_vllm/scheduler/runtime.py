@@ -92,7 +92,11 @@ class VerifyLengthScheduler:
         if confidence_logits is None:
             self.check_drafter(False)
             raise ValueError("confidence logits are required to size the draft batch")
-        conf = self.confidences(confidence_logits)
+        return self.lengths_from_confidences(self.confidences(confidence_logits), request_ids, max_lens, load)
+
+    def lengths_from_confidences(self, conf: np.ndarray, request_ids: list | None = None,
+                                 max_lens: np.ndarray | None = None, load: StepLoad | None = None) -> np.ndarray:
+        """Verify lengths from already calibrated confidences [N, B] (see :meth:`confidences`)."""
         load = load or self.load
         if isinstance(self.policy, AsyncTopKPolicy):
             ids = request_ids if request_ids is not None else list(range(conf.shape[0]))

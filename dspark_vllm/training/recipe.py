@@ -39,14 +39,14 @@ def train_drafter(target: str, datasets: list[str], out: Path, shape: DrafterSha
     out = Path(out)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     kwargs = dict(num_layers=shape.num_layers, block_size=shape.block_size, markov_rank=shape.markov_rank,
-                  markov_head_type=shape.markov_head_type, target_layer_ids=shape.target_layer_ids)
+                  markov_head_type=shape.markov_head_type, target_layer_ids=shape.target_layer_ids,
+                  intermediate_size=shape.intermediate_size)
     if (out / "config.json").exists():  # resume with the stored shape
         stored = load_config(out)
         kwargs.update(num_layers=stored.num_layers, block_size=stored.block_size, markov_rank=stored.markov_rank,
-                      markov_head_type=stored.markov_head_type or "vanilla", target_layer_ids=stored.target_layer_ids)
+                      markov_head_type=stored.markov_head_type or "vanilla", target_layer_ids=stored.target_layer_ids,
+                      intermediate_size=stored.raw.get("intermediate_size"))
     drafter = build_random_drafter(model, seed=cfg.seed, **kwargs)
-    if shape.intermediate_size and not (out / "config.json").exists():
-        drafter = _with_intermediate(model, drafter, shape.intermediate_size, cfg.seed, kwargs)
     layer_ids = drafter.config.target_layer_ids
     t0 = time.perf_counter()
     shard = prepare_dataset(target, datasets, layer_ids, data_dir or out / "data", max_new_tokens, backend,
@@ -57,22 +57,6 @@ def train_drafter(target: str, datasets: list[str], out: Path, shape: DrafterSha
     del model
     Trainer(drafter, shard, out, cfg).run(time_budget_s)
     return out
-
-
-def _with_intermediate(model, drafter, size: int, seed: int, kwargs):
-    """Rebuild with a narrower MLP (the drafter's own size, stored in its config.json)."""
-    from ..checkpoint import build_drafter_config
-    from ..drafter import DSparkDrafter
-
-    config = build_drafter_config(model, **kwargs)
-    config.raw["intermediate_size"] = int(size)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        new = DSparkDrafter(config)
-    with torch.no_grad():
-        new.embed_tokens.weight.copy_(drafter.embed_tokens.weight)
-        new.lm_head.weight.copy_(drafter.lm_head.weight)
-    return new
 
 
 def export_drafter(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:

@@ -56,10 +56,10 @@ class DSparkStats:
         self.drafted += drafted
         self.admitted += int(sum(admitted))
 
-    def record_outcome(self, confidences: list[float], num_verified: int, num_accepted: int) -> None:
-        """One request's verified drafts: positions 0..num_accepted-1 accepted, and position
-        num_accepted reached but rejected when num_accepted < num_verified."""
-        reached = min(num_accepted + 1, num_verified)
+    def record_outcome(self, confidences: list[float], num_accepted: int) -> None:
+        """One request's verified drafts (one confidence each): positions 0..num_accepted-1
+        accepted, and position num_accepted reached but rejected when some draft was."""
+        reached = min(num_accepted + 1, len(confidences))
         for k in range(reached):
             self.reached[k] += 1
             self.confidence_sum[k] += float(confidences[k])

@@ -196,7 +196,7 @@ class DSparkV1Proposer:
             state.next_pos += valid
             verified = self.pending.pop(req_id, None)
             if verified and sampled[i]:
-                self.stats.record_outcome(verified, len(verified), len(sampled[i]) - 1)
+                self.stats.record_outcome(verified, len(sampled[i]) - 1)
             if sampled[i]:
                 anchors.append(sampled[i][-1])
                 draft_ids.append((i, state.row))
@@ -220,8 +220,8 @@ class DSparkV1Proposer:
             # q for vLLM's rejection sampler: rows in draft order, looked up by request id
             runner._draft_probs = block.probs.to(runner.device)
             runner._draft_prob_req_ids = [req_ids[i] for i, _ in draft_ids]
-        lengths = self._lengths(block, [req_ids[i] for i, _ in draft_ids], len(req_ids))
         conf = self.scheduler.confidences(block.confidence_logits)
+        lengths = self._lengths(conf, [req_ids[i] for i, _ in draft_ids], len(req_ids))
         tokens = block.tokens.cpu().tolist()
         if self.oracle is not None:
             batch = runner.input_batch
@@ -246,8 +246,8 @@ class DSparkV1Proposer:
         temps = runner.input_batch.temperature_cpu
         return torch.tensor([float(temps[i]) for i in rows], dtype=torch.float32)
 
-    def _lengths(self, block, req_ids: list[str], num_reqs: int) -> list[int]:
-        if block.confidence_logits is None:  # fixed policy (checked at start-up)
+    def _lengths(self, conf: np.ndarray | None, req_ids: list[str], num_reqs: int) -> list[int]:
+        if conf is None:  # no confidence head: fixed policy (checked at start-up)
             return [self.block_size] * len(req_ids)
         load = StepLoad(base_tokens=num_reqs - len(req_ids), max_num_tokens=self.max_num_tokens)
-        return [int(x) for x in self.scheduler.lengths(block.confidence_logits, req_ids, load=load)]
+        return [int(x) for x in self.scheduler.lengths_from_confidences(conf, req_ids, load=load)]

@@ -35,9 +35,16 @@ def ensure_startup_profile(target: str, max_tokens: int, dtype: str = "auto") ->
     """Profile once per (target, vLLM, host) and return the JSON path."""
     out = cached_profile_path(target, max_tokens)
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, __file__, target, str(max_tokens), str(out), dtype], check=True,
-                       env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+        measure_profile(target, max_tokens, out, dtype)
+    return out
+
+
+def measure_profile(target: str, max_tokens: int, out: Path, dtype: str = "auto") -> Path:
+    """Run the profiling child (a plain vLLM engine in its own process) and write ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, __file__, target, str(max_tokens), str(out), dtype], check=True,
+                   env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     return out
 
 
