@@ -137,11 +137,45 @@ def load_config(path: str | Path) -> DSparkConfig:
     return DSparkConfig(raw)
 
 
+DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+
+def read_draft_vocab(path: str | Path, size: int | None, vocab_size: int) -> list[int] | None:
+    """Token ids the drafter may propose: the first ``size`` ids of ``draft_vocab.json`` (ranked
+    most useful first) beside the checkpoint. size None = every id in the file; 0 = the full
+    vocabulary (also what a checkpoint without the file gets)."""
+    file = Path(path) / DRAFT_VOCAB_FILE
+    if size == 0 or (size is None and not file.exists()):
+        return None
+    if not file.exists():
+        raise FileNotFoundError(f"draft_vocab_size={size} but {file} does not exist; build it with "
+                                "`dspark-vllm draft-vocab --drafter <folder>` or set draft_vocab_size: 0")
+    try:
+        ids = [int(t) for t in json.loads(file.read_text())["token_ids"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{file} is not a draft vocabulary ({{\"token_ids\": [...]}}): {exc}") from exc
+    if size is not None and size < 0:
+        raise ValueError(f"draft_vocab_size must be >= 0, got {size}")
+    if size is not None and size > len(ids):
+        raise ValueError(f"draft_vocab_size={size} but {file} ranks only {len(ids)} ids; rebuild it larger "
+                         "or lower draft_vocab_size")
+    ids = ids if size is None else ids[:size]
+    if size is None and len(ids) >= vocab_size:
+        return None
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{file} holds ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    return ids
+
+
 def load_checkpoint(path: str | Path, target: Any | None = None, block_size: int | None = None,
-                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> DSparkDrafter:
+                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    draft_vocab_size: int | None = None) -> DSparkDrafter:
     """Load a DeepSpec-format drafter; validate against ``target`` when given.
 
     dtype None keeps the checkpoint's own floating dtype, so save -> load is bit-identical.
+    A ``draft_vocab.json`` beside the weights restricts drafting to its ids (see
+    :func:`read_draft_vocab`; ``draft_vocab_size=0`` drafts from the full vocabulary).
     """
     config = load_config(path)
     if target is not None:
@@ -179,6 +213,7 @@ def load_checkpoint(path: str | Path, target: Any | None = None, block_size: int
         if isinstance(target, torch.nn.Module):
             drafter.bind_target_embeddings(target.get_input_embeddings().weight,
                                            target.get_output_embeddings().weight)
+    drafter.set_draft_vocab(read_draft_vocab(path, draft_vocab_size, config.vocab_size))
     return drafter.to(device).eval()
 
 

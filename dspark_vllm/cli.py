@@ -263,6 +263,20 @@ def cmd_export_drafter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_draft_vocab(args: argparse.Namespace) -> int:
+    from .checkpoint import load_config
+    from .training.draft_vocab import write_draft_vocab
+
+    drafter = Path(args.drafter)
+    answers = Path(args.answers) if args.answers else drafter / "data" / "answers.json"
+    if not answers.exists():
+        raise SystemExit(f"error: {answers} not found; pass --answers <data-dir>/answers.json from `dspark-vllm train`")
+    info = write_draft_vocab(drafter, answers, args.size, load_config(drafter).vocab_size)
+    print(f"{drafter / 'draft_vocab.json'}: {info['size']} ids, held-out answer coverage "
+          f"{info['held_out_answer_coverage']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark-vllm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -353,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     export.set_defaults(func=cmd_export_drafter)
+    vocab = sub.add_parser("draft-vocab", help="rank token ids from training answers into draft_vocab.json "
+                           "(drafting from K ids instead of the full vocabulary)")
+    vocab.add_argument("--drafter", required=True, help="drafter folder to write draft_vocab.json into")
+    vocab.add_argument("--answers", default=None, help="answers.json from `dspark-vllm train` (default: DRAFTER/data)")
+    vocab.add_argument("--size", type=int, default=8192)
+    vocab.set_defaults(func=cmd_draft_vocab)
     bench = sub.add_parser("bench", help="benchmarks: `bench scheduler|acceptance|serving ...`")
     bench.add_argument("which", choices=["scheduler", "acceptance", "serving"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)

@@ -59,6 +59,9 @@ class DSparkDrafter(nn.Module):
         self.rotary_emb = build_rotary(hf, self.family)
         # False for a checkpoint saved with shared embeddings until the target's are bound.
         self.embeddings_bound = True
+        # Optional draft vocabulary (target ids the drafter may propose); None = all V tokens.
+        self.draft_vocab: torch.Tensor | None = None
+        self._draft_weights: tuple | None = None
 
     @torch.no_grad()
     def bind_target_embeddings(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
@@ -72,6 +75,35 @@ class DSparkDrafter(nn.Module):
                                  f"vocab {v} and hidden {dst.shape[1]}")
             dst.copy_(src[:v].to(dst.device, dst.dtype))
         self.embeddings_bound = True
+        self._draft_weights = None  # gathered draft-vocabulary rows are stale now
+
+    def set_draft_vocab(self, token_ids: torch.Tensor | list[int] | None) -> None:
+        """Draft only from ``token_ids`` (e.g. the K most frequent answer tokens); None = all.
+
+        Why: at small scale the drafter's cost is its LM head over B positions x V (for SmolLM2,
+        7 x 49,152 logits per request: more than the target's own step on CPU). Restricting the
+        softmax to K ids divides that cost by V/K. Verification is unchanged, so output stays
+        exactly the target's; a token outside the set just cannot be drafted (q puts no mass there).
+        """
+        if token_ids is None:
+            self.draft_vocab, self._draft_weights = None, None
+            return
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"draft vocabulary ids must be non-empty and in [0, {self.config.vocab_size})")
+        if ids.unique().numel() != ids.numel():
+            raise ValueError("draft vocabulary ids must be distinct")
+        self.draft_vocab, self._draft_weights = ids, None
+
+    def _draft_vocab_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(ids, LM-head rows, W2 rows) of the draft vocabulary, gathered once per weight set."""
+        head = self.lm_head.weight
+        w2 = self.markov_head.markov_w2.weight if self.markov_head is not None else None
+        key = (head.data_ptr(), head.device, head.dtype, None if w2 is None else w2.data_ptr(), self.embeddings_bound)
+        if self._draft_weights is None or self._draft_weights[0] != key:
+            ids = self.draft_vocab.to(head.device)
+            self._draft_weights = (key, ids, head[ids].contiguous(), None if w2 is None else w2[ids].contiguous())
+        return self._draft_weights[1:]
 
     # ---- shapes ---------------------------------------------------------------------------
     @property
@@ -139,10 +171,11 @@ class DSparkDrafter(nn.Module):
             logits = self.lm_head(hidden).float()
         else:
             logits = (hidden @ self.lm_head.weight[vocab].t()).float()
+        return self._soft_cap(logits)
+
+    def _soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.final_logit_softcapping if self.family == "gemma4" else None
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     @property
     def can_fuse_sampling(self) -> bool:
@@ -159,20 +192,38 @@ class DSparkDrafter(nn.Module):
 
         fused=True samples through ``dspark_vllm.kernels.markov_sample`` (Triton on CUDA, the
         PyTorch reference elsewhere; Gumbel-max with per-request ``seeds``) when the head allows;
-        gated and RNN heads always use the PyTorch loop."""
+        gated and RNN heads always use the PyTorch loop. With a draft vocabulary (see
+        :meth:`set_draft_vocab`) logits cover only those ids; tokens come back as target ids and
+        ``probs`` as full-vocabulary rows (zero outside the set)."""
         if not self.embeddings_bound:
             raise RuntimeError("this drafter shares the target's embeddings (dspark_shared_embeddings); "
                                "call bind_target_embeddings() or load it with target=<the HF model>")
         anchor = anchor.to(self.device)
         temperature = temperature.to(self.device)
         hidden = self.forward_block(anchor, cache)
-        base = self.base_logits(hidden)
+        if self.draft_vocab is None:
+            base = self.base_logits(hidden)
+            if fused and self.can_fuse_sampling:
+                return self._propose_fused(base, hidden, anchor, temperature, generator, seeds)
+            return sample_block(base, hidden, anchor, temperature, self.markov_head, self.confidence_head,
+                                self.config.confidence_head_with_markov, generator)
+        ids, head_rows, w2_rows = self._draft_vocab_weights()
+        base = self._soft_cap((hidden @ head_rows.t()).float())
         if fused and self.can_fuse_sampling:
-            return self._propose_fused(base, hidden, anchor, temperature, generator, seeds)
-        return sample_block(base, hidden, anchor, temperature, self.markov_head, self.confidence_head,
-                            self.config.confidence_head_with_markov, generator)
+            block = self._propose_fused(base, hidden, anchor, temperature, generator, seeds, (ids, w2_rows))
+        else:
+            block = sample_block(base, hidden, anchor, temperature, self.markov_head, self.confidence_head,
+                                 self.config.confidence_head_with_markov, generator, vocab=ids)
+        if block.probs is not None:
+            full = block.probs.new_zeros(*block.probs.shape[:-1], self.config.vocab_size)
+            full[..., ids] = block.probs
+            block = DraftBlock(tokens=block.tokens, probs=full, confidence_logits=block.confidence_logits)
+        return block
 
-    def _propose_fused(self, base, hidden, anchor, temperature, generator, seeds) -> DraftBlock:
+    def _propose_fused(self, base, hidden, anchor, temperature, generator, seeds, subset=None) -> DraftBlock:
+        """Fused sampling. With ``subset`` = (ids [K], W2 rows [K, r]) the kernel works in subset
+        index space: W1 is extended by the anchors' rows (anchor n -> index K + n), and sampled
+        subset indices are mapped back to target ids."""
         from .kernels.markov_reference import markov_draft_probs
         from .kernels.markov_sampling import markov_sample
 
@@ -180,12 +231,20 @@ class DSparkDrafter(nn.Module):
             seeds = torch.randint(0, 2**31 - 1, (anchor.shape[0],), generator=generator)
         head = self.markov_head
         conf = self.confidence_head
+        w1, w2 = head.markov_w1.weight, head.markov_w2.weight
+        prev0 = anchor
+        if subset is not None:
+            ids, w2 = subset
+            w1 = torch.cat([w1[ids], w1[anchor]])
+            prev0 = ids.numel() + torch.arange(anchor.shape[0], device=anchor.device)
         tokens, _, conf_logits = markov_sample(
-            base, head.markov_w1.weight, head.markov_w2.weight, anchor, temperature, seeds.to(self.device),
+            base, w1, w2, prev0, temperature, seeds.to(self.device),
             hidden if conf is not None else None,
             conf.proj.weight.view(-1) if conf is not None else None,
             conf.proj.bias if conf is not None else None)
         probs = None
         if not bool(is_greedy(temperature).all()):
-            probs = markov_draft_probs(base, head.markov_w1.weight, head.markov_w2.weight, anchor, tokens, temperature)
+            probs = markov_draft_probs(base, w1, w2, prev0, tokens, temperature)
+        if subset is not None:
+            tokens = subset[0][tokens]
         return DraftBlock(tokens=tokens, probs=probs, confidence_logits=conf_logits)

@@ -78,12 +78,14 @@ def sample_block(
     confidence_head: ConfidenceHead | None,
     confidence_with_markov: bool,
     generator: torch.Generator | None = None,
+    vocab: torch.Tensor | None = None,
 ) -> DraftBlock:
     """Draft a block left to right.
 
     base_logits [N, B, V] (fp32, already soft-capped for Gemma4: the bias is added after),
     hidden [N, B, H] final-normed backbone states, anchor [N] the block's first input token,
-    temperature [N].
+    temperature [N]. With ``vocab`` [K] (a draft vocabulary) base_logits are [N, B, K] over those
+    ids, tokens come back as target ids and probs stay [N, B, K] in vocab order.
     """
     n, block, _ = base_logits.shape
     greedy_all = bool(is_greedy(temperature).all())
@@ -93,13 +95,15 @@ def sample_block(
     for k in range(block):
         logits = base_logits[:, k]
         if markov_head is not None:
-            bias, state = markov_head.step_bias(hidden[:, k], prev, state)
+            bias, state = markov_head.step_bias(hidden[:, k], prev, state, vocab)
             logits = logits + bias
         if greedy_all:  # q is one-hot and never materialised
             tok = logits.argmax(dim=-1)
         else:
             tok, prob = sample_logits(logits, temperature, generator)
             probs.append(prob)
+        if vocab is not None:
+            tok = vocab[tok]
         tokens.append(tok)
         prev = tok
     tokens_t = torch.stack(tokens, dim=1)

@@ -36,6 +36,8 @@ class SchedulerSettings(_Strict):
     stale_steps: int = Field(2, ge=1, description="async_topk: age of the confidences used for the budget")
     smooth_cost: bool = Field(True, description="causal_greedy: decide on the cost curve interpolated "
                               "between profiled sizes (false: the paper's raw step curve)")
+    draft_gate: bool = Field(True, description="causal_greedy/async_topk: skip drafting for a step when the "
+                             "cost curve, measured draft time and past confidences say no length could pay")
 
 
 class CalibrationSettings(_Strict):
@@ -48,6 +50,8 @@ class DSparkSettings(_Strict):
 
     num_speculative_tokens: Optional[int] = Field(None, ge=1, description="default: the checkpoint's block_size")
     draft_sampling: Literal["greedy", "probabilistic"] = "probabilistic"
+    draft_vocab_size: Optional[int] = Field(None, ge=0, description="draft from the first K ids of the "
+                                            "checkpoint's draft_vocab.json; null: all of them; 0: full vocabulary")
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
     metrics: bool = True

@@ -72,13 +72,17 @@ def markov_sample_reference(
     inv_t = inverse_temperature(temperature)
     w2f = w2.float()
     prev = anchor.long()
+    all_greedy = bool(greedy.all())
     tokens, lses, confs = [], [], []
     for k in range(block):
         e = w1[prev].float()
         z = base_logits[:, k].float() + e @ w2f.T
         scaled = z * inv_t[:, None]
         lses.append(torch.logsumexp(scaled, dim=-1))
-        score = torch.where(greedy[:, None], z, scaled + gumbel_noise(seeds, k, vocab, z.device))
+        if all_greedy:  # no noise to draw: same result, without hashing V counters per row
+            score = z
+        else:
+            score = torch.where(greedy[:, None], z, scaled + gumbel_noise(seeds, k, vocab, z.device))
         if conf_weight is not None and hidden is not None:
             h = hidden.shape[-1]
             conf = hidden[:, k].float() @ conf_weight[:h].float() + e @ conf_weight[h:].float()

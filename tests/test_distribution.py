@@ -42,11 +42,12 @@ def exact_three_token_distribution(model, top_k: int = 0) -> dict:
             for a in range(V) for b in range(V) for c in range(V)}
 
 
-def sample_three_tokens(model, head_type, lengths, top_k=0, seed=0, fused=False):
+def sample_three_tokens(model, head_type, lengths, top_k=0, seed=0, fused=False, draft_vocab=None):
     drafter = build_random_drafter(model, num_layers=1, block_size=BLOCK, markov_rank=8,
                                    markov_head_type=head_type, target_layer_ids=[0, 1], seed=seed)
     with torch.no_grad():  # a peaky drafter that disagrees with the target often
         drafter.lm_head.weight.mul_(3.0)
+    drafter.set_draft_vocab(draft_vocab)
     dec = ReferenceDecoder(HFTarget(model, drafter.config.target_layer_ids), DSparkProposer(drafter, fused), lengths)
     out, stats = dec.generate([PROMPT] * SAMPLES, SamplingConfig(max_new_tokens=3, temperature=1.0,
                                                                  top_k=top_k, seed=seed))
@@ -70,6 +71,17 @@ def test_fused_kernel_sampler_is_lossless(target):
     samples, stats = sample_three_tokens(target, "vanilla", BLOCK, fused=True)
     assert chi_square_pvalue(samples, exact_three_token_distribution(target)) > P_VALUE_FLOOR
     assert 0.05 < stats.accepted_tokens / stats.draft_tokens < 0.95
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_draft_vocabulary_subset_is_lossless(target, fused):
+    """Drafting from a subset of the vocabulary (q = 0 outside it) keeps the target distribution,
+    and tokens outside the subset still come out (from residual sampling)."""
+    subset = [5, 0, 3, 6]
+    samples, stats = sample_three_tokens(target, "vanilla", BLOCK, fused=fused, draft_vocab=subset)
+    assert chi_square_pvalue(samples, exact_three_token_distribution(target)) > P_VALUE_FLOOR
+    assert 0.05 < stats.accepted_tokens / stats.draft_tokens < 0.95
+    assert any(t not in subset for s in samples for t in s)
 
 
 def test_random_per_request_lengths_with_top_k_are_lossless(target):

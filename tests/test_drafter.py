@@ -92,3 +92,38 @@ def test_propose_shapes(tiny_qwen3, head_type):
     assert block.tokens.shape == (3, 4) and block.probs.shape == (3, 4, 128)
     assert block.confidence.shape == (3, 4) and ((block.confidence > 0) & (block.confidence < 1)).all()
     torch.testing.assert_close(block.probs.sum(-1), torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("head_type", ["vanilla", "gated", "rnn"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_draft_vocabulary_keeps_greedy_drafts_it_contains(tiny_qwen3, head_type, fused):
+    """A draft vocabulary holding every full-vocabulary greedy draft yields the same drafts and
+    confidences (in any id order); sampled drafts stay inside it and q is zero outside it."""
+    d = _drafter(tiny_qwen3, markov_head_type=head_type)
+    cache = d.new_cache(3)
+    d.add_context(cache, _features(3, 6, 2 * 64), torch.tensor([6, 4, 5]))
+    anchor, greedy = torch.tensor([3, 17, 90]), torch.zeros(3)
+    full = d.propose(anchor, cache, greedy, fused=fused, seeds=torch.arange(3))
+    others = torch.randperm(d.config.vocab_size, generator=torch.Generator().manual_seed(1))[:20]
+    subset = torch.cat([full.tokens.flatten(), others]).unique()
+    d.set_draft_vocab(subset[torch.randperm(len(subset), generator=torch.Generator().manual_seed(2))])
+    sub = d.propose(anchor, cache, greedy, fused=fused, seeds=torch.arange(3))
+    assert torch.equal(sub.tokens, full.tokens)
+    torch.testing.assert_close(sub.confidence_logits, full.confidence_logits)
+    sampled = d.propose(anchor, cache, torch.ones(3), fused=fused, seeds=torch.arange(3),
+                        generator=torch.Generator().manual_seed(0))
+    assert torch.isin(sampled.tokens, subset).all()
+    outside = ~torch.isin(torch.arange(d.config.vocab_size), subset)
+    assert sampled.probs.shape[-1] == d.config.vocab_size
+    assert float(sampled.probs[..., outside].abs().max()) == 0.0
+    torch.testing.assert_close(sampled.probs.sum(-1), torch.ones(3, d.block_size))
+    picked = sampled.probs.gather(-1, sampled.tokens[..., None])
+    assert bool((picked > 0).all())
+
+
+def test_draft_vocabulary_rejects_bad_ids(tiny_qwen3):
+    d = _drafter(tiny_qwen3)
+    with pytest.raises(ValueError, match="in \\[0, 128\\)"):
+        d.set_draft_vocab([0, 128])
+    with pytest.raises(ValueError, match="distinct"):
+        d.set_draft_vocab([1, 1])

@@ -196,3 +196,31 @@ def test_saved_fc_takes_raw_features(setup, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.fuse_context(raw), drafter.fuse_context(raw / trainer.feature_scale),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_draft_vocabulary_ranks_by_frequency_and_loads_with_the_checkpoint(tmp_path, tiny_qwen3):
+    import json
+
+    from dspark_vllm.training.draft_vocab import coverage, rank_tokens, write_draft_vocab
+
+    ranked = rank_tokens([[5, 5, 7, 9], [7, 5, 200]], vocab_size=12)
+    assert ranked[:3] == [5, 7, 9] and sorted(ranked) == list(range(12))  # unseen ids by ascending id
+    assert coverage([5, 7], [[5, 7, 9, 9]]) == 0.5
+
+    drafter = build_random_drafter(tiny_qwen3, num_layers=1, block_size=4, markov_rank=8, target_layer_ids=[0, 1])
+    save_checkpoint(drafter, tmp_path)
+    samples = [{"prompt_ids": [1, 2], "answer_ids": [3, 3, 4 + i % 3]} for i in range(10)]
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps({"samples": samples}))
+    info = write_draft_vocab(tmp_path, answers, size=16, vocab_size=128)
+    assert info["token_ids"][0] == 3 and len(info["token_ids"]) == 16
+    assert info["held_out_answer_coverage"] == 1.0
+    assert load_checkpoint(tmp_path).draft_vocab.tolist() == info["token_ids"]
+    assert load_checkpoint(tmp_path, draft_vocab_size=5).draft_vocab.tolist() == info["token_ids"][:5]
+    assert load_checkpoint(tmp_path, draft_vocab_size=0).draft_vocab is None
+    with pytest.raises(ValueError, match="ranks only 16 ids"):
+        load_checkpoint(tmp_path, draft_vocab_size=17)
+    (tmp_path / "draft_vocab.json").unlink()
+    assert load_checkpoint(tmp_path).draft_vocab is None
+    with pytest.raises(FileNotFoundError, match="dspark-vllm draft-vocab"):
+        load_checkpoint(tmp_path, draft_vocab_size=8)

@@ -237,3 +237,17 @@ def test_more_requests_than_draft_rows(smol, smol_reference):
     res = run_engine(target=smol["target"], drafter=smol["drafter"], prompts=smol["prompts"], max_tokens=24,
                      max_num_seqs=2, repeat=2)
     assert res["outputs"][0] == smol_reference and res["outputs"][1] == smol_reference
+
+
+def test_draft_gate_skips_drafting_when_verification_cannot_pay(smol, smol_reference, tmp_path):
+    """A cost curve where every verified token costs a full step (compute bound) leaves no
+    length that pays for drafting: after the first drafted step the gate skips drafting,
+    decoding stays exact, and the skipped steps are counted."""
+    profile = tmp_path / "linear.json"
+    profile.write_text(json.dumps({"tokens": [1, 64], "step_ms": [10.0, 640.0]}))
+    settings = tmp_path / "gated.yaml"
+    settings.write_text(f"scheduler:\n  policy: causal_greedy\n  cost_profile: {profile}\n")
+    res = run_engine(target=smol["target"], drafter=smol["drafter"], prompts=smol["prompts"][:4], max_tokens=24,
+                     env={"DSPARK_VLLM_CONFIG": str(settings), "DSPARK_VLLM_METRICS_FLUSH_S": 0})
+    assert res["outputs"][0] == smol_reference[:4]
+    assert res["dspark"]["gated"] > 10 * max(res["dspark"]["steps"], 1)

@@ -42,7 +42,9 @@ def run(args: argparse.Namespace) -> dict:
     drafters = {}
     for spec in args.drafter:
         name, _, path = spec.partition("=")
-        drafters[name] = load_checkpoint(path, target=model, dtype=torch.float32)
+        path, _, vocab = path.partition("#")
+        drafters[name] = load_checkpoint(path, target=model, dtype=torch.float32,
+                                         draft_vocab_size=int(vocab) if vocab else args.draft_vocab_size)
     stop = (tok.eos_token_id,)
     results: dict = {"target": target, "rows": []}
     for data in args.data:
@@ -122,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dspark-vllm bench acceptance", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", help="HF target folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--drafter", action="append", required=True, help="NAME=PATH, repeatable")
+    p.add_argument("--drafter", action="append", required=True,
+                   help="NAME=PATH[#K], repeatable; #K drafts from the first K ids of PATH/draft_vocab.json (#0: all)")
+    p.add_argument("--draft-vocab-size", type=int, default=None,
+                   help="default K for every drafter (unset: the whole draft_vocab.json if present)")
     p.add_argument("--data", action="append", required=True, help="path.jsonl[:start:stop] (held-out prompts)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -16,6 +16,7 @@ import torch
 from ..settings import DSparkSettings
 from .calibration import STSCalibrator
 from .cost_profile import CostProfile
+from .draft_gate import DraftGate
 from .policies import (
     AsyncTopKPolicy,
     CausalGreedyPolicy,
@@ -62,18 +63,32 @@ def load_calibrator(settings: DSparkSettings, checkpoint_dir: str | Path | None,
 class VerifyLengthScheduler:
     """Calibrated confidences + policy -> verify lengths; callable on a DraftBlock."""
 
-    def __init__(self, policy: Any, calibrator: STSCalibrator, stale_steps: int = 2) -> None:
+    def __init__(self, policy: Any, calibrator: STSCalibrator, stale_steps: int = 2,
+                 gate: DraftGate | None = None) -> None:
         self.policy = policy
         self.calibrator = calibrator
         self.stale = StaleConfidences(len(calibrator.temperatures), lag=stale_steps)
         self.load = StepLoad()
+        self.gate = gate
 
     @classmethod
     def from_settings(cls, settings: DSparkSettings, block_size: int,
                       checkpoint_dir: str | Path | None = None, cost: CostProfile | None = None) -> "VerifyLengthScheduler":
         cost = cost or load_cost_profile(settings)
-        return cls(build_policy(settings, cost), load_calibrator(settings, checkpoint_dir, block_size),
-                   settings.scheduler.stale_steps)
+        policy = build_policy(settings, cost)
+        gate = None
+        if settings.scheduler.draft_gate and isinstance(policy, (CausalGreedyPolicy, AsyncTopKPolicy)):
+            gate = DraftGate(cost or CostProfile.synthetic(), block_size, smooth=settings.scheduler.smooth_cost)
+        return cls(policy, load_calibrator(settings, checkpoint_dir, block_size), settings.scheduler.stale_steps, gate)
+
+    def should_draft(self, num_requests: int, load: StepLoad | None = None) -> bool:
+        """Pre-draft gate (see :mod:`.draft_gate`): False = decode this step without drafts."""
+        return self.gate is None or self.gate.should_draft(num_requests, load)
+
+    def observe_draft(self, confidence: np.ndarray | None, draft_ms: float) -> None:
+        """Feed a drafted step's calibrated confidences and drafter wall time to the gate."""
+        if self.gate is not None and confidence is not None:
+            self.gate.observe(confidence, draft_ms)
 
     def check_drafter(self, has_confidence_head: bool) -> None:
         """One rule for every engine: only the fixed policy runs without a confidence head."""

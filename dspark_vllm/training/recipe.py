@@ -61,14 +61,14 @@ def train_drafter(target: str, datasets: list[str], out: Path, shape: DrafterSha
 
 def export_drafter(src: Path, out: Path, dtype: torch.dtype = torch.float16) -> Path:
     """Release copy of a trained drafter: weights in ``dtype`` without the shared embeddings,
-    plus its training log and calibration (no optimizer state, no data)."""
+    plus its training log, calibration and draft vocabulary (no optimizer state, no data)."""
     import shutil
 
     from ..checkpoint import load_checkpoint, save_checkpoint
 
     drafter = load_checkpoint(src, dtype=dtype)
     save_checkpoint(drafter, out, shared_embeddings=True)
-    for name in ("training_log.jsonl", "calibration.json", "TRAINING.md"):
+    for name in ("training_log.jsonl", "calibration.json", "TRAINING.md", "draft_vocab.json"):
         if (Path(src) / name).exists() and Path(src).resolve() != Path(out).resolve():
             shutil.copy(Path(src) / name, Path(out) / name)
     return Path(out)

@@ -13,7 +13,8 @@ Exported series (position k = 0-based draft index):
 
 * ``dspark:draft_steps_total`` steps in which DSpark drafted; ``dspark:drafted_tokens_total``
   tokens drafted; ``dspark:admitted_draft_tokens_total`` tokens the verify-length policy kept
-  (what vLLM verifies); ``dspark:admitted_draft_tokens_per_step`` their ratio.
+  (what vLLM verifies); ``dspark:admitted_draft_tokens_per_step`` their ratio;
+  ``dspark:gated_steps_total`` steps the draft gate skipped (load too high for drafting to pay).
 * ``dspark:position_reached_total{position}`` drafts at k verified after an accepted prefix,
   ``dspark:position_accepted_total{position}`` those accepted, and
   ``dspark:conditional_acceptance{position}`` = accepted / reached (paper Fig. 2).
@@ -40,6 +41,7 @@ class DSparkStats:
     def __init__(self, block_size: int, flush_interval_s: float | None = None) -> None:
         self.block_size = block_size
         self.steps = 0
+        self.gated = 0
         self.drafted = 0
         self.admitted = 0
         self.reached = [0] * block_size
@@ -56,6 +58,9 @@ class DSparkStats:
         self.drafted += drafted
         self.admitted += int(sum(admitted))
 
+    def record_gated(self) -> None:
+        self.gated += 1
+
     def record_outcome(self, confidences: list[float], num_accepted: int) -> None:
         """One request's verified drafts (one confidence each): positions 0..num_accepted-1
         accepted, and position num_accepted reached but rejected when some draft was."""
@@ -67,7 +72,7 @@ class DSparkStats:
                 self.accepted[k] += 1
 
     def snapshot(self) -> dict:
-        return {"block_size": self.block_size, "steps": self.steps, "drafted": self.drafted,
+        return {"block_size": self.block_size, "steps": self.steps, "gated": self.gated, "drafted": self.drafted,
                 "admitted": self.admitted, "reached": self.reached, "accepted": self.accepted,
                 "confidence_sum": self.confidence_sum}
 
@@ -97,8 +102,8 @@ def merge_snapshots(folder: Path) -> dict | None:
         if total is None:
             total = snap
             continue
-        for key in ("steps", "drafted", "admitted"):
-            total[key] += snap[key]
+        for key in ("steps", "gated", "drafted", "admitted"):
+            total[key] = total.get(key, 0) + snap.get(key, 0)
         for key in ("reached", "accepted", "confidence_sum"):
             total[key] = [a + b for a, b in zip(total[key], snap[key])]
     return total
@@ -120,9 +125,10 @@ class DSparkCollector:
         if snap is None:
             return
         for name, key, doc in (("draft_steps", "steps", "steps in which DSpark drafted"),
+                               ("gated_steps", "gated", "steps the draft gate skipped (drafting could not pay)"),
                                ("drafted_tokens", "drafted", "draft tokens produced by the drafter"),
                                ("admitted_draft_tokens", "admitted", "draft tokens kept by the verify-length policy")):
-            yield CounterMetricFamily(PREFIX + name, doc, value=snap[key])
+            yield CounterMetricFamily(PREFIX + name, doc, value=snap.get(key, 0))
         per_step = GaugeMetricFamily(PREFIX + "admitted_draft_tokens_per_step", "admitted draft tokens per drafting step")
         per_step.add_metric([], snap["admitted"] / snap["steps"] if snap["steps"] else 0.0)
         yield per_step

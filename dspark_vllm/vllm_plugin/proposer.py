@@ -6,7 +6,9 @@ aux hidden states. Per request it keeps a row of the drafter's context K/V cache
 
 1. append the features of this step's *valid* positions: every scheduled prompt token, or for a
    decode step the anchor plus the drafts that were accepted (= len(sampled) - 1);
-2. draft a block from [last sampled token, MASK...];
+2. unless the draft gate says no verify length could pay this step (cost-aware policies: past
+   confidences, cost curve, measured draft time; see ``scheduler/draft_gate.py``), draft a
+   block from [last sampled token, MASK...] (from the checkpoint's draft vocabulary if any);
 3. trim each request's block with the configured policy (confidence + step load) and return
    the per-request token lists; vLLM's rejection sampler verifies them. With
    ``draft_sampling: probabilistic`` (default) each request's drafts are sampled at its own
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,7 +108,8 @@ class DSparkV1Proposer:
         self.vllm_config = vllm_config
         self.settings = load_settings(os.environ[ENV_CONFIG])
         dtype = vllm_config.model_config.dtype
-        self.drafter = load_checkpoint(checkpoint, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+        self.drafter = load_checkpoint(checkpoint, dtype=dtype if isinstance(dtype, torch.dtype) else None,
+                                       draft_vocab_size=self.settings.draft_vocab_size)
         self.block_size = self.drafter.block_size
         profiled = os.environ.get(ENV_COST_PROFILE)  # set by profile_at_startup
         cost = CostProfile.load(profiled) if profiled else None
@@ -210,6 +214,12 @@ class DSparkV1Proposer:
         out: list[list[int]] = [[] for _ in req_ids]
         if not draft_ids:
             return out
+        load = StepLoad(base_tokens=len(req_ids) - len(draft_ids), max_num_tokens=self.max_num_tokens)
+        if self.oracle is None and not self.scheduler.should_draft(len(draft_ids), load):
+            self.stats.record_gated()
+            self.stats.maybe_flush()
+            return out
+        t_draft = time.perf_counter()
         draft_rows = torch.tensor([row for _, row in draft_ids])
         view = self.cache.rows_view(draft_rows)
         anchor = torch.tensor(anchors, dtype=torch.long)
@@ -221,8 +231,9 @@ class DSparkV1Proposer:
             runner._draft_probs = block.probs.to(runner.device)
             runner._draft_prob_req_ids = [req_ids[i] for i, _ in draft_ids]
         conf = self.scheduler.confidences(block.confidence_logits)
-        lengths = self._lengths(conf, [req_ids[i] for i, _ in draft_ids], len(req_ids))
+        lengths = self._lengths(conf, [req_ids[i] for i, _ in draft_ids], load)
         tokens = block.tokens.cpu().tolist()
+        self.scheduler.observe_draft(conf, (time.perf_counter() - t_draft) * 1000.0)
         if self.oracle is not None:
             batch = runner.input_batch
             for j, (i, _) in enumerate(draft_ids):
@@ -246,8 +257,7 @@ class DSparkV1Proposer:
         temps = runner.input_batch.temperature_cpu
         return torch.tensor([float(temps[i]) for i in rows], dtype=torch.float32)
 
-    def _lengths(self, conf: np.ndarray | None, req_ids: list[str], num_reqs: int) -> list[int]:
+    def _lengths(self, conf: np.ndarray | None, req_ids: list[str], load: StepLoad) -> list[int]:
         if conf is None:  # no confidence head: fixed policy (checked at start-up)
             return [self.block_size] * len(req_ids)
-        load = StepLoad(base_tokens=num_reqs - len(req_ids), max_num_tokens=self.max_num_tokens)
         return [int(x) for x in self.scheduler.lengths_from_confidences(conf, req_ids, load=load)]

@@ -1,0 +1,66 @@
+"""The pre-draft gate: skip drafting exactly when no verify length can pay for the draft."""
+
+import numpy as np
+import pytest
+
+from dspark_vllm.scheduler import CostProfile, StepLoad, VerifyLengthScheduler
+from dspark_vllm.scheduler.draft_gate import DraftGate, DraftTimer
+from dspark_vllm.settings import settings_from_dict
+
+
+def flat_then_linear(base_ms=40.0, flat=8, slope=5.0, upto=512):
+    grid = list(range(1, upto + 1))
+    return CostProfile(tokens=grid, step_ms=[base_ms + slope * max(0, t - flat) for t in grid])
+
+
+def test_timer_recovers_a_linear_draft_cost():
+    timer = DraftTimer(decay=1.0)
+    assert timer.predict(4) == 0.0  # nothing measured: optimistic
+    for r in (1, 2, 4, 8, 16):
+        timer.observe(r, 3.0 + 2.0 * r)
+    assert timer.predict(32) == pytest.approx(67.0)
+    one = DraftTimer()
+    one.observe(4, 20.0)  # a single batch size: proportional
+    assert one.predict(8) == pytest.approx(40.0)
+
+
+def test_gate_drafts_when_verification_is_nearly_free():
+    gate = DraftGate(flat_then_linear(), block_size=4)
+    assert gate.should_draft(1)  # no confidences seen yet: draft to learn them
+    gate.observe(np.full((2, 4), 0.8), draft_ms=4.0)  # 2 requests in 4 ms: 2 ms for one
+    assert gate.should_draft(1)
+    # expected best: 1 + 0.8 + 0.64 + 0.512 + 0.41 tokens for ~40 + 2 ms
+    assert gate.gain(1) == pytest.approx((1 + 0.8 + 0.64 + 0.512 + 0.4096) / 42.0 * 40.0, rel=1e-6)
+
+
+def test_gate_closes_under_load_and_for_poor_drafts():
+    gate = DraftGate(flat_then_linear(), block_size=4)
+    gate.observe(np.full((1, 4), 0.8), draft_ms=2.0)
+    # 64 requests: every draft token costs 5 ms against a ~320 ms step; survival 0.8 cannot beat
+    # the draft time plus the marginal token cost when the step is already compute bound
+    for _ in range(20):
+        gate.timer.observe(64, 64 * 2.0)
+    assert not gate.should_draft(64)
+    poor = DraftGate(flat_then_linear(), block_size=4)
+    poor.observe(np.full((1, 4), 0.01), draft_ms=10.0)
+    assert not poor.should_draft(1)
+
+
+def test_gate_counts_other_work_in_the_step():
+    gate = DraftGate(flat_then_linear(flat=16), block_size=4)
+    gate.observe(np.full((1, 4), 0.7), draft_ms=1.0)
+    assert gate.should_draft(2)
+    assert not gate.should_draft(2, StepLoad(base_tokens=100, max_num_tokens=102))  # no room for drafts
+    cliff = DraftGate(CostProfile(tokens=[1, 8, 9], step_ms=[40.0, 40.0, 400.0]), block_size=4)
+    cliff.observe(np.full((1, 4), 0.9), draft_ms=1.0)
+    assert cliff.should_draft(2) and not cliff.should_draft(2, StepLoad(base_tokens=6))
+
+
+@pytest.mark.parametrize("policy,gated", [("causal_greedy", True), ("async_topk", True), ("fixed", False),
+                                          ("threshold", False)])
+def test_scheduler_builds_the_gate_for_cost_aware_policies(policy, gated):
+    chosen = {"policy": policy, "threshold": 0.5}
+    sched = VerifyLengthScheduler.from_settings(settings_from_dict({"scheduler": chosen}), block_size=4)
+    assert (sched.gate is not None) == gated
+    off = VerifyLengthScheduler.from_settings(settings_from_dict({"scheduler": {**chosen, "draft_gate": False}}), 4)
+    assert off.gate is None and off.should_draft(1000)
