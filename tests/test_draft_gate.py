@@ -40,10 +40,21 @@ def test_gate_closes_under_load_and_for_poor_drafts():
     # the draft time plus the marginal token cost when the step is already compute bound
     for _ in range(20):
         gate.timer.observe(64, 64 * 2.0)
-    assert not gate.should_draft(64)
+    assert not any(gate.should_draft(64) for _ in range(gate.probe_every))
     poor = DraftGate(flat_then_linear(), block_size=4)
     poor.observe(np.full((1, 4), 0.01), draft_ms=10.0)
     assert not poor.should_draft(1)
+    assert poor.gain(1) < 1.0
+
+
+def test_closed_gate_probes_and_reopens_when_the_estimate_improves():
+    gate = DraftGate(flat_then_linear(), block_size=4, probe_every=3)
+    gate.observe(np.full((1, 4), 0.01), draft_ms=10.0)  # an unlucky first block closes the gate
+    assert [gate.should_draft(1) for _ in range(8)] == [False, False, False, True] * 2
+    assert [gate.num_to_draft(5) for _ in range(4)] == [0, 0, 0, 1]  # a probe drafts one request
+    for _ in range(40):  # the probes see good blocks drafted quickly
+        gate.observe(np.full((1, 4), 0.9), draft_ms=1.0)
+    assert all(gate.should_draft(1) for _ in range(5))
 
 
 def test_gate_counts_other_work_in_the_step():

@@ -250,4 +250,4 @@ def test_draft_gate_skips_drafting_when_verification_cannot_pay(smol, smol_refer
     res = run_engine(target=smol["target"], drafter=smol["drafter"], prompts=smol["prompts"][:4], max_tokens=24,
                      env={"DSPARK_VLLM_CONFIG": str(settings), "DSPARK_VLLM_METRICS_FLUSH_S": 0})
     assert res["outputs"][0] == smol_reference[:4]
-    assert res["dspark"]["gated"] > 10 * max(res["dspark"]["steps"], 1)
+    assert res["dspark"]["gated"] >= 4 * max(res["dspark"]["steps"], 1)  # probes: 1 step in 17

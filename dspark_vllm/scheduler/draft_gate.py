@@ -11,7 +11,10 @@ cannot bias verification: skipping only means plain decoding for that step):
 With every request assumed to have the prior survivals a_j = prod_{i<=j} c_i, the best
 admissible throughput is max_k (R + top-k survivals) / (t(base + R + k) + d(R)) (the same
 greedy path the causal policy walks, searched globally). The step drafts iff that beats plain
-decoding, R / t(base + R).
+decoding, R / t(base + R). A closed gate learns nothing new (no confidences, no draft times), so
+after ``probe_every`` consecutive skipped steps it lets one request draft anyway (a probe costing
+one request's draft): an unlucky first block or a draft time measured while the machine was busy
+cannot keep drafting off for good.
 """
 
 from __future__ import annotations
@@ -49,11 +52,14 @@ class DraftTimer:
 class DraftGate:
     """Pre-draft decision: draft this step or decode plainly (see module docstring)."""
 
-    def __init__(self, cost: CostProfile, block_size: int, smooth: bool = True, momentum: float = 0.9) -> None:
+    def __init__(self, cost: CostProfile, block_size: int, smooth: bool = True, momentum: float = 0.9,
+                 probe_every: int = 16) -> None:
         self.cost = cost
         self.block_size = block_size
         self.smooth = smooth
         self.momentum = momentum
+        self.probe_every = probe_every
+        self.skipped_in_a_row = 0
         self.prior: np.ndarray | None = None  # mean calibrated c_k, None until a block is seen
         self.timer = DraftTimer()
 
@@ -82,5 +88,18 @@ class DraftGate:
         plain = num_requests / float(verify_ms[0])
         return best / plain
 
+    def num_to_draft(self, num_requests: int, load: StepLoad | None = None) -> int:
+        """How many of the ``num_requests`` should draft this step: all when drafting is predicted
+        to pay, one (a probe, after ``probe_every`` skipped steps) to refresh the estimates at
+        the price of a single request's draft, else none."""
+        if self.gain(num_requests, load) > 1.0:
+            self.skipped_in_a_row = 0
+            return num_requests
+        if self.skipped_in_a_row >= self.probe_every:
+            self.skipped_in_a_row = 0
+            return min(1, num_requests)
+        self.skipped_in_a_row += 1
+        return 0
+
     def should_draft(self, num_requests: int, load: StepLoad | None = None) -> bool:
-        return self.gain(num_requests, load) > 1.0
+        return self.num_to_draft(num_requests, load) > 0

@@ -83,7 +83,11 @@ class VerifyLengthScheduler:
 
     def should_draft(self, num_requests: int, load: StepLoad | None = None) -> bool:
         """Pre-draft gate (see :mod:`.draft_gate`): False = decode this step without drafts."""
-        return self.gate is None or self.gate.should_draft(num_requests, load)
+        return self.num_to_draft(num_requests, load) > 0
+
+    def num_to_draft(self, num_requests: int, load: StepLoad | None = None) -> int:
+        """How many requests draft this step: all, one (a gate probe) or none."""
+        return num_requests if self.gate is None else self.gate.num_to_draft(num_requests, load)
 
     def observe_draft(self, confidence: np.ndarray | None, draft_ms: float) -> None:
         """Feed a drafted step's calibrated confidences and drafter wall time to the gate."""

@@ -215,10 +215,16 @@ class DSparkV1Proposer:
         if not draft_ids:
             return out
         load = StepLoad(base_tokens=len(req_ids) - len(draft_ids), max_num_tokens=self.max_num_tokens)
-        if self.oracle is None and not self.scheduler.should_draft(len(draft_ids), load):
-            self.stats.record_gated()
-            self.stats.maybe_flush()
-            return out
+        if self.oracle is None:
+            n = self.scheduler.num_to_draft(len(draft_ids), load)
+            if n == 0:  # gated: plain decoding this step
+                self.stats.record_gated()
+                self.stats.maybe_flush()
+                return out
+            if n < len(draft_ids):  # a gate probe: one request (rotating) drafts
+                pick = self.stats.steps % len(draft_ids)
+                anchors, draft_ids = [anchors[pick]], [draft_ids[pick]]
+                load = StepLoad(base_tokens=len(req_ids) - 1, max_num_tokens=self.max_num_tokens)
         t_draft = time.perf_counter()
         draft_rows = torch.tensor([row for _, row in draft_ids])
         view = self.cache.rows_view(draft_rows)
