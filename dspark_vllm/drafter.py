@@ -95,14 +95,18 @@ class DSparkDrafter(nn.Module):
             raise ValueError("draft vocabulary ids must be distinct")
         self.draft_vocab, self._draft_weights = ids, None
 
-    def _draft_vocab_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(ids, LM-head rows, W2 rows) of the draft vocabulary, gathered once per weight set."""
+    def _draft_vocab_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(ids, LM-head rows, W2 rows, W1 rows) of the draft vocabulary, gathered once per
+        weight set (gathering them per step costs more than the small GEMMs that use them)."""
         head = self.lm_head.weight
+        w1 = self.markov_head.markov_w1.weight if self.markov_head is not None else None
         w2 = self.markov_head.markov_w2.weight if self.markov_head is not None else None
-        key = (head.data_ptr(), head.device, head.dtype, None if w2 is None else w2.data_ptr(), self.embeddings_bound)
+        key = (head.data_ptr(), head.device, head.dtype, None if w2 is None else w2.data_ptr(),
+               None if w1 is None else w1.data_ptr(), self.embeddings_bound)
         if self._draft_weights is None or self._draft_weights[0] != key:
             ids = self.draft_vocab.to(head.device)
-            self._draft_weights = (key, ids, head[ids].contiguous(), None if w2 is None else w2[ids].contiguous())
+            self._draft_weights = (key, ids, head[ids].contiguous(), None if w2 is None else w2[ids].contiguous(),
+                                   None if w1 is None else w1[ids].contiguous())
         return self._draft_weights[1:]
 
     # ---- shapes ---------------------------------------------------------------------------
@@ -207,10 +211,10 @@ class DSparkDrafter(nn.Module):
                 return self._propose_fused(base, hidden, anchor, temperature, generator, seeds)
             return sample_block(base, hidden, anchor, temperature, self.markov_head, self.confidence_head,
                                 self.config.confidence_head_with_markov, generator)
-        ids, head_rows, w2_rows = self._draft_vocab_weights()
+        ids, head_rows, w2_rows, w1_rows = self._draft_vocab_weights()
         base = self._soft_cap((hidden @ head_rows.t()).float())
         if fused and self.can_fuse_sampling:
-            block = self._propose_fused(base, hidden, anchor, temperature, generator, seeds, (ids, w2_rows))
+            block = self._propose_fused(base, hidden, anchor, temperature, generator, seeds, (ids, w2_rows, w1_rows))
         else:
             block = sample_block(base, hidden, anchor, temperature, self.markov_head, self.confidence_head,
                                  self.config.confidence_head_with_markov, generator, vocab=ids)
@@ -221,9 +225,9 @@ class DSparkDrafter(nn.Module):
         return block
 
     def _propose_fused(self, base, hidden, anchor, temperature, generator, seeds, subset=None) -> DraftBlock:
-        """Fused sampling. With ``subset`` = (ids [K], W2 rows [K, r]) the kernel works in subset
-        index space: W1 is extended by the anchors' rows (anchor n -> index K + n), and sampled
-        subset indices are mapped back to target ids."""
+        """Fused sampling. With ``subset`` = (ids [K], W2 rows [K, r], W1 rows [K, r]) the kernel
+        works in subset index space: W1 is extended by the anchors' rows (anchor n -> index K + n),
+        and sampled subset indices are mapped back to target ids."""
         from .kernels.markov_reference import markov_draft_probs
         from .kernels.markov_sampling import markov_sample
 
@@ -234,8 +238,8 @@ class DSparkDrafter(nn.Module):
         w1, w2 = head.markov_w1.weight, head.markov_w2.weight
         prev0 = anchor
         if subset is not None:
-            ids, w2 = subset
-            w1 = torch.cat([w1[ids], w1[anchor]])
+            ids, w2, w1_rows = subset
+            w1 = torch.cat([w1_rows, w1[anchor]])
             prev0 = ids.numel() + torch.arange(anchor.shape[0], device=anchor.device)
         tokens, _, conf_logits = markov_sample(
             base, w1, w2, prev0, temperature, seeds.to(self.device),

@@ -75,3 +75,70 @@ def test_scheduler_builds_the_gate_for_cost_aware_policies(policy, gated):
     assert (sched.gate is not None) == gated
     off = VerifyLengthScheduler.from_settings(settings_from_dict({"scheduler": {**chosen, "draft_gate": False}}), 4)
     assert off.gate is None and off.should_draft(1000)
+
+
+def test_prior_is_the_plain_mean_of_the_first_blocks():
+    """Bias-corrected EMA: one odd first block (a short warm-up request) must not dominate."""
+    gate = DraftGate(flat_then_linear(), block_size=4, momentum=0.9)
+    gate.observe(np.full((1, 4), 0.0))
+    for _ in range(3):
+        gate.observe(np.full((1, 4), 0.8))
+    assert gate.prior == pytest.approx(np.full(4, 0.6))  # (0 + 3 * 0.8) / 4
+    for _ in range(60):  # later blocks: exponential forgetting
+        gate.observe(np.full((1, 4), 0.5))
+    assert gate.prior == pytest.approx(np.full(4, 0.5), abs=1e-2)
+
+
+def test_step_overhead_is_learned_and_added_to_every_lookup():
+    from dspark_vllm.scheduler.step_overhead import StepOverheadEstimator
+
+    cost = flat_then_linear()
+    est = StepOverheadEstimator(cost, window=8, min_samples=4)
+    for n in (1, 2, 3):
+        est.observe(n, 50.0)  # served steps take 10 ms more than the 40 ms forward
+    assert cost.overhead_ms == 0.0  # too few samples yet
+    est.observe(9, 55.0)
+    assert cost.overhead_ms == pytest.approx(10.0)
+    assert cost.step_time_ms(1) == pytest.approx(50.0) and cost.step_time_ms(12) == pytest.approx(70.0)
+    est.observe(5, 5000.0)  # an idle gap between requests: the median ignores it
+    est.observe(10_000, 9000.0)  # beyond the profile (a long prefill): not a sample
+    assert cost.overhead_ms == pytest.approx(10.0)
+    est.observe(1, 40.0)
+    for _ in range(8):  # the machine got faster: the window forgets
+        est.observe(1, 42.0)
+    assert cost.overhead_ms == pytest.approx(2.0)
+
+
+def test_step_overhead_makes_a_closed_gate_open():
+    """A skipped step costs t + overhead too, so the same drafts can pay once it is known."""
+    gate = DraftGate(flat_then_linear(), block_size=4)
+    gate.observe(np.full((1, 4), 0.2), draft_ms=12.0)  # ~1.25 tokens for 52 ms vs 1 for 40 ms
+    assert gate.gain(1) < 1.0
+    gate.cost.overhead_ms = 20.0
+    assert gate.gain(1) > 1.0
+
+
+def test_scheduler_shares_one_cost_object_between_policy_gate_and_estimator():
+    sched = VerifyLengthScheduler.from_settings(settings_from_dict({"scheduler": {"policy": "causal_greedy"}}), 4)
+    assert sched.gate.cost is sched.policy.cost is sched.overhead.cost
+    off = VerifyLengthScheduler.from_settings(
+        settings_from_dict({"scheduler": {"policy": "causal_greedy", "learn_step_overhead": False}}), 4)
+    assert off.overhead is None
+    off.observe_step(4, 100.0)  # a no-op without the estimator
+    assert off.policy.cost.overhead_ms == 0.0
+
+
+def test_step_overhead_ignores_big_batches():
+    """At high concurrency the step wall time absorbs per-token work elsewhere on the CPU."""
+    from dspark_vllm.scheduler.step_overhead import StepOverheadEstimator
+
+    cost = flat_then_linear()
+    est = StepOverheadEstimator(cost, min_samples=2, max_requests=2)
+    for _ in range(4):
+        est.observe(16, 40.0 + 5.0 * 8 + 60.0, num_requests=16)
+    assert cost.overhead_ms == 0.0 and est.learned_ms == 0.0
+    for _ in range(2):
+        est.observe(2, 52.0, num_requests=2)
+    assert cost.overhead_ms == pytest.approx(12.0)
+    est.observe(16, 200.0, num_requests=16)  # a big batch again: the curve as profiled
+    assert cost.overhead_ms == 0.0 and est.learned_ms == pytest.approx(12.0)

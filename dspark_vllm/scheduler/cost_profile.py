@@ -39,6 +39,9 @@ class CostProfile:
     draft_ms: list[float] = field(default_factory=list)
     device: str = ""
     max_tokens: int = 0
+    # Per-step serving cost the profile does not see (scheduler, sampler, IPC, output
+    # processing): learned online by StepOverheadEstimator, added to every step_time_ms. Not saved.
+    overhead_ms: float = 0.0
     _table: np.ndarray = field(init=False, repr=False)
     _smooth_table: np.ndarray = field(init=False, repr=False)
     _draft_table: np.ndarray = field(init=False, repr=False)
@@ -88,7 +91,7 @@ class CostProfile:
         n = np.asarray(num_tokens)
         table = self._smooth_table if smooth else self._table
         out = np.where(n <= self.max_tokens, table[np.clip(n, 0, self.max_tokens)],
-                       self._extrapolate(self.tokens, np.maximum.accumulate(self.step_ms), n))
+                       self._extrapolate(self.tokens, np.maximum.accumulate(self.step_ms), n)) + self.overhead_ms
         return float(out) if out.ndim == 0 else out
 
     def draft_time_ms(self, num_requests: int) -> float:

@@ -6,7 +6,8 @@ decides *before* drafting, from information that does not depend on this step's 
 cannot bias verification: skipping only means plain decoding for that step):
 
 * ``prior`` c_k: running mean of the calibrated per-position confidences of earlier blocks;
-* the profiled verify cost t(tokens) and the measured draft time d(R) for R drafting requests.
+* the profiled verify cost t(tokens) (plus the learned per-step serving overhead, see
+  ``step_overhead.py``) and the measured draft time d(R) for R drafting requests.
 
 With every request assumed to have the prior survivals a_j = prod_{i<=j} c_i, the best
 admissible throughput is max_k (R + top-k survivals) / (t(base + R + k) + d(R)) (the same
@@ -61,13 +62,18 @@ class DraftGate:
         self.probe_every = probe_every
         self.skipped_in_a_row = 0
         self.prior: np.ndarray | None = None  # mean calibrated c_k, None until a block is seen
+        self.blocks_seen = 0
         self.timer = DraftTimer()
 
     def observe(self, confidence: np.ndarray, draft_ms: float | None = None) -> None:
         """Record a drafted step: calibrated confidences [R, B] and the drafter's wall time."""
         if confidence is not None and len(confidence):
             mean = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0).mean(axis=0)
-            self.prior = mean if self.prior is None else self.momentum * self.prior + (1 - self.momentum) * mean
+            # bias-corrected EMA: the plain mean over the first blocks, so the very first block
+            # (often a short warm-up request) does not dominate the prior for dozens of steps
+            self.blocks_seen += 1
+            weight = max(1.0 - self.momentum, 1.0 / self.blocks_seen)
+            self.prior = mean if self.prior is None else (1 - weight) * self.prior + weight * mean
         if draft_ms is not None and confidence is not None:
             self.timer.observe(len(confidence), draft_ms)
 

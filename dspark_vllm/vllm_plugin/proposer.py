@@ -125,6 +125,8 @@ class DSparkV1Proposer:
         self.seed_gen = torch.Generator().manual_seed(0)
         # per request: calibrated confidences of the drafts handed to vLLM last step
         self.pending: dict[str, list[float]] = {}
+        self._step_end: float | None = None  # when propose_step last returned (step timing)
+        self._warmed_up = False  # first draft pays one-off costs; keep them out of the timer
         logger.info("DSpark proposer: %s, block %d, policy %s", checkpoint, self.block_size,
                     self.settings.scheduler.policy)
 
@@ -172,6 +174,22 @@ class DSparkV1Proposer:
 
     @torch.no_grad()
     def propose_step(self, runner, scheduler_output, sampled_token_ids, aux_hidden_states) -> list[list[int]]:
+        """Draft for every request in the batch (called by the plugin after each target step).
+
+        The time since the previous call is one engine step without our drafting; it goes to the
+        scheduler's step-overhead estimator together with the tokens that step processed."""
+        if self._step_end is not None:
+            self.scheduler.observe_step(int(scheduler_output.total_num_scheduled_tokens),
+                                        (time.perf_counter() - self._step_end) * 1000.0,
+                                        len(scheduler_output.num_scheduled_tokens))
+            if self.scheduler.overhead is not None:
+                self.stats.overhead_ms = self.scheduler.overhead.learned_ms
+        try:
+            return self._propose_step(runner, scheduler_output, sampled_token_ids, aux_hidden_states)
+        finally:
+            self._step_end = time.perf_counter()
+
+    def _propose_step(self, runner, scheduler_output, sampled_token_ids, aux_hidden_states) -> list[list[int]]:
         req_ids = list(runner.input_batch.req_ids)
         # Free rows of requests that left the batch (finished, aborted, preempted). vLLM does not
         # call us every step, so finished_req_ids alone can miss some; the batch is the truth.
@@ -225,12 +243,15 @@ class DSparkV1Proposer:
                 pick = self.stats.steps % len(draft_ids)
                 anchors, draft_ids = [anchors[pick]], [draft_ids[pick]]
                 load = StepLoad(base_tokens=len(req_ids) - 1, max_num_tokens=self.max_num_tokens)
-        t_draft = time.perf_counter()
         draft_rows = torch.tensor([row for _, row in draft_ids])
         view = self.cache.rows_view(draft_rows)
         anchor = torch.tensor(anchors, dtype=torch.long)
         temperature = self._draft_temperatures(runner, [i for i, _ in draft_ids])
         seeds = torch.randint(0, 2**31 - 1, (len(anchors),), generator=self.seed_gen)
+        if not self._warmed_up:  # untimed: first-call allocations and weight gathers
+            self.drafter.propose(anchor, view, temperature, fused=self.drafter.can_fuse_sampling, seeds=seeds)
+            self._warmed_up = True
+        t_draft = time.perf_counter()
         block = self.drafter.propose(anchor, view, temperature, fused=self.drafter.can_fuse_sampling, seeds=seeds)
         if block.probs is not None:
             # q for vLLM's rejection sampler: rows in draft order, looked up by request id
