@@ -139,16 +139,43 @@ class DSparkDrafter(nn.Module):
 
         target_hidden [N, T, m*H] (rows padded), counts [N] real rows per request. Their absolute
         positions continue each request's context (cache.lengths + j). ``rows`` selects which
-        cache rows the N entries belong to (default: all rows, in order).
+        cache rows the N entries belong to (default: all rows, in order). Only the real rows are
+        projected (see :meth:`add_context_packed`), so padding costs nothing.
         """
-        n, t, _ = target_hidden.shape
+        t = target_hidden.shape[1]
         if t == 0:
             return
-        ctx = self.fuse_context(target_hidden)
-        lengths = cache.lengths if rows is None else cache.lengths[rows]
-        positions = lengths.to(ctx.device)[:, None] + torch.arange(t, device=ctx.device)[None, :]
+        counts = counts.to(target_hidden.device).long()
+        valid = torch.arange(t, device=target_hidden.device)[None, :] < counts[:, None]
+        self.add_context_packed(cache, target_hidden[valid], counts, rows)
+
+    @torch.no_grad()
+    def add_context_packed(self, cache: ContextKVCache, target_hidden: torch.Tensor, counts: torch.Tensor,
+                           rows: torch.Tensor | None = None) -> None:
+        """Append verified positions given back to back: target_hidden [S, m*H] holds counts[0]
+        positions of the first request, then counts[1] of the next, ... (S = counts.sum()).
+
+        Why packed: an engine step mixes one-token decodes with long prefills; padding every
+        request to the longest would project mostly padding through fc and the K/V layers."""
+        counts = counts.long()
+        total = target_hidden.shape[0]
+        if total == 0:
+            return
+        if int(counts.sum()) != total:
+            raise ValueError(f"add_context_packed: counts sum to {int(counts.sum())} but {total} positions were given")
+        device = cache.lengths.device
+        rows = torch.arange(len(counts), device=device) if rows is None else rows.to(device).long()
+        counts = counts.to(device)
+        owner = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)  # [S]
+        offset = torch.arange(total, device=device) - (torch.cumsum(counts, 0) - counts)[owner]
+        positions = (cache.lengths[rows][owner] + offset)[None, :].to(self.device)
+        ctx = self.fuse_context(target_hidden)[None]  # [1, S, H]
         cos, sin = rotary_cos_sin(self.rotary_emb, self.family, ctx, positions)
-        cache.append([layer.self_attn.project_kv(ctx, cos, sin) for layer in self.layers], counts, rows)
+        layer_kv = []
+        for layer in self.layers:
+            k, v = layer.self_attn.project_kv(ctx, cos, sin)  # [1, n_kv, S, d]
+            layer_kv.append((k[0].transpose(0, 1), v[0].transpose(0, 1)))  # [S, n_kv, d]
+        cache.append_packed(layer_kv, counts, rows)
 
     # ---- block -----------------------------------------------------------------------------
     def block_input_ids(self, anchor: torch.Tensor) -> torch.Tensor:

@@ -127,3 +127,49 @@ def test_draft_vocabulary_rejects_bad_ids(tiny_qwen3):
         d.set_draft_vocab([0, 128])
     with pytest.raises(ValueError, match="distinct"):
         d.set_draft_vocab([1, 1])
+
+
+def test_packed_context_equals_padded(tiny_qwen3):
+    d = _drafter(tiny_qwen3)
+    lens = [3, 0, 7]
+    feats = _features(3, 7, 2 * 64)
+    padded = d.new_cache(4)
+    d.add_context(padded, feats, torch.tensor(lens), rows=torch.tensor([2, 0, 1]))
+    packed = d.new_cache(4)
+    flat = torch.cat([feats[r, :n] for r, n in enumerate(lens)])
+    d.add_context_packed(packed, flat, torch.tensor(lens), rows=torch.tensor([2, 0, 1]))
+    assert packed.lengths.tolist() == padded.lengths.tolist() == [0, 7, 3, 0]
+    for a, b in zip(padded.keys + padded.values, packed.keys + packed.values):
+        torch.testing.assert_close(a[:, :, :7], b[:, :, :7], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="counts sum"):
+        d.add_context_packed(packed, flat[:5], torch.tensor(lens))
+
+
+def test_pending_context_flushes_equal_immediate_adds(tiny_qwen3):
+    """Deferring context (queue per step, flush at draft time or at the backlog cap) must leave
+    the cache exactly as adding every step would, whatever the flush schedule."""
+    from dspark_vllm.pending_context import PendingContext
+
+    d = _drafter(tiny_qwen3)
+    gen = torch.Generator().manual_seed(3)
+    eager, lazy = d.new_cache(3, capacity=4), d.new_cache(3, capacity=4)
+    pending = PendingContext(d, lazy, max_tokens=6)
+    for step in range(12):
+        counts = torch.randint(0, 4, (3,), generator=gen)
+        counts[step % 3] = 9 if step == 0 else counts[step % 3]  # one prefill-sized chunk
+        feats = torch.randn(3, int(counts.max()), 2 * 64, generator=gen)
+        d.add_context(eager, feats, counts)
+        for row in range(3):
+            pending.push(row, feats[row, : int(counts[row])])
+        if step % 4 == 3:
+            pending.flush([step % 3] + pending.full_rows())  # this row drafts (as the proposer does)
+        else:
+            pending.flush_full()
+        assert all(pending.pending_tokens(r) < 6 for r in range(3))
+    pending.flush()
+    assert lazy.lengths.tolist() == eager.lengths.tolist()
+    anchors = torch.tensor([4, 5, 6])
+    torch.testing.assert_close(d.forward_block(anchors, lazy), d.forward_block(anchors, eager), atol=1e-5, rtol=1e-5)
+    pending.push(1, torch.randn(2, 2 * 64))
+    pending.drop(1)
+    assert pending.flush() == 0 and lazy.lengths.tolist() == eager.lengths.tolist()

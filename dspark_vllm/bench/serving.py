@@ -8,6 +8,12 @@ each concurrency c, c client threads send greedy chat requests (prompts cycled f
 until --requests-per-client each are done. Reported: output tokens/s over the wall time, mean
 and p90 request latency, ratios to no speculation measured in the same run, and whether every
 greedy answer equals the no-speculation answer to the same prompt.
+
+``--rounds 2`` (or more) repeats the whole sequence with the configuration order reversed
+every other round (A B C, C B A, ...) and pools each configuration's rounds (total tokens over
+total wall time): on a shared machine whose speed drifts during the run, a single pass gives the
+first configuration a different machine than the last, and the mirrored order cancels a steady
+drift.
 """
 
 from __future__ import annotations
@@ -129,23 +135,56 @@ def run(args: argparse.Namespace) -> dict:
                                                                     if args.settings else CONFIGS_DIR / "llama-smollm2.yaml")})]
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
-    out: dict = {"target": target, "drafter": args.drafter, "rows": []}
-    for name, spec_cfg, env in configs:
-        server = Server(target, spec_cfg, env, max(args.concurrency), logs / f"{name}.log")
-        try:
-            server.wait_healthy()
-            drive(server.port, prompts, 1, 1, 8)  # warm-up
-            for c in args.concurrency:
-                row = drive(server.port, prompts, c, args.requests_per_client, args.max_tokens)
-                row.update(config=name, concurrency=c)
-                out["rows"].append(row)
-                print(f"{name:>18} c={c:<3} {row['tok_s']:7.2f} tok/s  latency mean {row['latency_mean_s']:.2f} s "
-                      f"p90 {row['latency_p90_s']:.2f} s", flush=True)
-            out.setdefault("metrics", {})[name] = server.metrics()
-        finally:
-            server.stop()
+    out: dict = {"target": target, "drafter": args.drafter, "rounds": args.rounds, "runs": []}
+    for rnd in range(args.rounds):
+        for name, spec_cfg, env in (configs if rnd % 2 == 0 else configs[::-1]):
+            server = Server(target, spec_cfg, env, max(args.concurrency), logs / f"{name}-{rnd}.log")
+            try:
+                server.wait_healthy()
+                drive(server.port, prompts, 1, 1, 8)  # warm-up
+                for c in args.concurrency:
+                    row = drive(server.port, prompts, c, args.requests_per_client, args.max_tokens)
+                    row.update(config=name, concurrency=c, round=rnd)
+                    out["runs"].append(row)
+                    print(f"round {rnd} {name:>18} c={c:<3} {row['tok_s']:7.2f} tok/s  latency mean "
+                          f"{row['latency_mean_s']:.2f} s p90 {row['latency_p90_s']:.2f} s", flush=True)
+                metrics = out.setdefault("metrics", {}).setdefault(name, {})
+                for key, value in server.metrics().items():
+                    if "_created" in key:
+                        continue
+                    if key.split("{")[0].endswith("_total"):  # counters restart with each server: add
+                        metrics[key] = metrics.get(key, 0.0) + value
+                    else:  # gauges: one value per round
+                        metrics.setdefault(key, []).append(value)
+            finally:
+                server.stop()
+    out["rows"] = pool_rounds(out["runs"], [name for name, _, _ in configs])
     _ratios(out)
     return out
+
+
+def pool_rounds(runs: list[dict], order: list[str]) -> list[dict]:
+    """One row per (config, concurrency) from every round: tokens/s = total tokens / total wall
+    time, latency = request-weighted mean, p90 = the worst round's, answers must agree across
+    rounds (a greedy answer that changes between rounds is reported as a mismatch)."""
+    pooled = []
+    for name in order:
+        for c in dict.fromkeys(r["concurrency"] for r in runs if r["config"] == name):
+            group = [r for r in runs if r["config"] == name and r["concurrency"] == c]
+            answers: dict[str, str] = {}
+            stable = True
+            for r in group:
+                for k, v in r["answers"].items():
+                    stable &= answers.setdefault(k, v) == v
+            n = [len(r["answers"]) or 1 for r in group]
+            tokens, wall = sum(r["tokens"] for r in group), sum(r["wall_s"] for r in group)
+            pooled.append({"config": name, "concurrency": c, "rounds": len(group), "tokens": tokens, "wall_s": wall,
+                           "tok_s": tokens / wall,
+                           "latency_mean_s": sum(r["latency_mean_s"] * k for r, k in zip(group, n)) / sum(n),
+                           "latency_p90_s": max(r["latency_p90_s"] for r in group),
+                           "tok_s_per_round": [r["tok_s"] for r in group],
+                           "answers": answers if stable else {k: None for k in answers}})
+    return pooled
 
 
 def _ratios(out: dict) -> None:
@@ -154,7 +193,7 @@ def _ratios(out: dict) -> None:
     for r in out["rows"]:
         b = base.get(r["concurrency"])
         r["ratio"] = r["tok_s"] / b["tok_s"] if b else None
-        r["identical"] = all(b["answers"].get(k) == v for k, v in r["answers"].items()) if b else None
+        r["identical"] = all(v is not None and b["answers"].get(k) == v for k, v in r["answers"].items()) if b else None
         print(f"{r['config']:>18} {r['concurrency']:>3} {r['tok_s']:>8.2f} {r['ratio']:>9.2f}x "
               f"{r['latency_mean_s']:>7.2f}s {str(r['identical']):>9}")
 
@@ -189,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the sequence, mirroring the config order each round, and pool (noisy machines)")
     p.add_argument("--logs", default="serving-logs")
     p.add_argument("--plot", help="PNG path")
     p.add_argument("--json", help="write rows as JSON here")

@@ -4,8 +4,10 @@ vLLM builds it through its ``custom_class`` hook (our config wrapper routes ``me
 there) and, thanks to the runner wrapper, calls :meth:`propose_step` each step with the target's
 aux hidden states. Per request it keeps a row of the drafter's context K/V cache:
 
-1. append the features of this step's *valid* positions: every scheduled prompt token, or for a
-   decode step the anchor plus the drafts that were accepted (= len(sampled) - 1);
+1. queue the features of this step's *valid* positions: every scheduled prompt token, or for a
+   decode step the anchor plus the drafts that were accepted (= len(sampled) - 1); they enter
+   the drafter's context cache when the request next drafts (``pending_context.py``: gated
+   steps under load then cost almost nothing);
 2. unless the draft gate says no verify length could pay this step (cost-aware policies: past
    confidences, cost curve, measured draft time; see ``scheduler/draft_gate.py``), draft a
    block from [last sampled token, MASK...] (from the checkpoint's draft vocabulary if any);
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint
+from ..pending_context import PendingContext
 from ..scheduler import CostProfile, StepLoad, VerifyLengthScheduler
 from ..settings import load_settings
 from .metrics import DSparkStats
@@ -117,6 +120,7 @@ class DSparkV1Proposer:
         self.max_reqs = int(vllm_config.scheduler_config.max_num_seqs)
         self.max_num_tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
         self.cache = None
+        self.context: PendingContext | None = None
         self.requests: dict[str, _RequestState] = {}
         self.free_rows: list[int] = list(range(self.max_reqs))[::-1]
         self.oracle = OracleHook.from_env()
@@ -135,6 +139,7 @@ class DSparkV1Proposer:
         device = runner.device
         self.drafter.to(device)
         self.cache = self.drafter.new_cache(self.max_reqs)
+        self.context = PendingContext(self.drafter, self.cache)
 
     def aux_layer_ids(self) -> tuple[int, ...]:
         """vLLM aux-layer indices: DeepSpec id t is the output of layer t = vLLM index t + 1."""
@@ -158,6 +163,7 @@ class DSparkV1Proposer:
         state = self.requests.pop(req_id, None)
         self.pending.pop(req_id, None)
         if state is not None:
+            self.context.drop(state.row)
             self.free_rows.append(state.row)
             self.scheduler.stale.forget([req_id])
 
@@ -169,6 +175,7 @@ class DSparkV1Proposer:
         if state is None:
             state = _RequestState(row=self.free_rows.pop(), next_pos=first_pos)
             self.cache.reset_rows(torch.tensor([state.row]))
+            self.context.drop(state.row)
             self.requests[req_id] = state
         return state
 
@@ -205,16 +212,14 @@ class DSparkV1Proposer:
         features = torch.cat([h[: int(offsets[-1])] for h in aux_hidden_states], dim=-1)
         positions = runner._get_positions(int(offsets[-1])).cpu()
 
-        rows, counts, starts, anchors, draft_ids = [], [], [], [], []
+        anchors, draft_ids = [], []
         for i, req_id in enumerate(req_ids):
             if num_sched[i] == 0:
                 continue
             spec = scheduler_output.scheduled_spec_decode_tokens.get(req_id, ())
             valid = num_sched[i] - len(spec) + max(len(sampled[i]) - 1, 0)
             state = self._state(req_id, int(positions[offsets[i]]))
-            rows.append(state.row)
-            counts.append(valid)
-            starts.append(int(offsets[i]))
+            self.context.push(state.row, features[int(offsets[i]): int(offsets[i]) + valid])
             state.next_pos += valid
             verified = self.pending.pop(req_id, None)
             if verified and sampled[i]:
@@ -222,20 +227,15 @@ class DSparkV1Proposer:
             if sampled[i]:
                 anchors.append(sampled[i][-1])
                 draft_ids.append((i, state.row))
-        if rows:
-            width = max(counts)
-            feats = features.new_zeros(len(rows), width, features.shape[-1])
-            for j, (start, count) in enumerate(zip(starts, counts)):
-                feats[j, :count] = features[start: start + count]
-            self.drafter.add_context(self.cache, feats, torch.tensor(counts), rows=torch.tensor(rows))
-
         out: list[list[int]] = [[] for _ in req_ids]
         if not draft_ids:
+            self.context.flush_full()
             return out
         load = StepLoad(base_tokens=len(req_ids) - len(draft_ids), max_num_tokens=self.max_num_tokens)
         if self.oracle is None:
             n = self.scheduler.num_to_draft(len(draft_ids), load)
             if n == 0:  # gated: plain decoding this step
+                self.context.flush_full()
                 self.stats.record_gated()
                 self.stats.maybe_flush()
                 return out
@@ -243,6 +243,7 @@ class DSparkV1Proposer:
                 pick = self.stats.steps % len(draft_ids)
                 anchors, draft_ids = [anchors[pick]], [draft_ids[pick]]
                 load = StepLoad(base_tokens=len(req_ids) - 1, max_num_tokens=self.max_num_tokens)
+        self.context.flush([row for _, row in draft_ids] + self.context.full_rows())
         draft_rows = torch.tensor([row for _, row in draft_ids])
         view = self.cache.rows_view(draft_rows)
         anchor = torch.tensor(anchors, dtype=torch.long)

@@ -1,0 +1,28 @@
+"""Serving benchmark bookkeeping (the servers themselves are exercised by the demo and CI)."""
+
+from dspark_vllm.bench.serving import pool_rounds
+
+
+def _run(config, c, rnd, tokens, wall, answers, lat=1.0, p90=2.0):
+    return {"config": config, "concurrency": c, "round": rnd, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "latency_mean_s": lat, "latency_p90_s": p90, "answers": answers}
+
+
+def test_rounds_pool_tokens_over_total_wall_and_keep_config_order():
+    runs = [_run("spec", 1, 0, 100, 10, {"0": "a"}, lat=1.0, p90=1.5),
+            _run("base", 1, 0, 100, 20, {"0": "a"}),
+            _run("base", 1, 1, 100, 5, {"0": "a"}),
+            _run("spec", 1, 1, 50, 10, {"0": "a", "1": "b"}, lat=4.0, p90=5.0)]
+    rows = pool_rounds(runs, ["base", "spec"])
+    assert [r["config"] for r in rows] == ["base", "spec"]
+    base, spec = rows
+    assert base["tok_s"] == 200 / 25 and base["rounds"] == 2 and base["tok_s_per_round"] == [5.0, 20.0]
+    assert spec["tok_s"] == 150 / 20
+    assert spec["latency_mean_s"] == (1.0 * 1 + 4.0 * 2) / 3 and spec["latency_p90_s"] == 5.0
+    assert spec["answers"] == {"0": "a", "1": "b"}
+
+
+def test_an_answer_that_changes_between_rounds_is_not_identical():
+    runs = [_run("spec", 4, 0, 10, 1, {"0": "a"}), _run("spec", 4, 1, 10, 1, {"0": "b"})]
+    (row,) = pool_rounds(runs, ["spec"])
+    assert row["answers"] == {"0": None}
