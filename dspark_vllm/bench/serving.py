@@ -133,6 +133,12 @@ def run(args: argparse.Namespace) -> dict:
                ("dspark-fixed", spec, {"DSPARK_VLLM_CONFIG": str(fixed_yaml)}),
                ("dspark-load-aware", spec, {"DSPARK_VLLM_CONFIG": str(Path(args.settings).resolve()
                                                                     if args.settings else CONFIGS_DIR / "llama-smollm2.yaml")})]
+    if args.configs:
+        unknown = set(args.configs) - {name for name, _, _ in configs}
+        if unknown or "no-spec" not in args.configs:
+            raise SystemExit(f"--configs: choose from {[name for name, _, _ in configs]}, including no-spec "
+                             f"(the baseline of every ratio); got {args.configs}")
+        configs = [c for c in configs if c[0] in args.configs]
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
     out: dict = {"target": target, "drafter": args.drafter, "rounds": args.rounds, "runs": []}
@@ -228,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--configs", nargs="+", help="subset of no-spec dspark-fixed dspark-load-aware (default: all)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the sequence, mirroring the config order each round, and pool (noisy machines)")
     p.add_argument("--logs", default="serving-logs")
