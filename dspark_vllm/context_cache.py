@@ -37,21 +37,22 @@ class ContextKVCache:
                 bigger[:, :, : t.shape[2]] = t
                 store[i] = bigger
 
-    def append(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor,
-               rows: torch.Tensor | None = None) -> None:
-        """Append new context rows. layer_kv[l] = (k, v) each [M, n_kv, T_new, d] (padded);
-        counts [M] = how many of the T_new rows are real; rows [M] = which cache rows they
-        belong to (default: all rows, in order; must be distinct)."""
-        counts = counts.to(self.lengths.device).long()
-        t_new = layer_kv[0][0].shape[2]
-        valid = torch.arange(t_new, device=self.lengths.device)[None, :] < counts[:, None]  # [M, T_new]
-        src, cols = valid.nonzero(as_tuple=True)
-        self.append_packed([(k[src, :, cols], v[src, :, cols]) for k, v in layer_kv], counts, rows)
+    def packed_slots(self, counts: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """For positions given back to back (counts[0] for the first row, then counts[1], ...):
+        the cache row and the absolute position each one will occupy, both [counts.sum()]."""
+        device = self.lengths.device
+        counts = counts.to(device).long()
+        rows = torch.arange(len(counts), device=device) if rows is None else rows.to(device).long()
+        owner = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
+        offset = torch.arange(len(owner), device=device) - (torch.cumsum(counts, 0) - counts)[owner]
+        dst = rows[owner]
+        return dst, self.lengths[dst] + offset
 
     def append_packed(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor,
                       rows: torch.Tensor | None = None) -> None:
         """Append positions given back to back: layer_kv[l] = (k, v) each [S, n_kv, d] holding
-        counts[0] positions of the first row, then counts[1] of the next (S = counts.sum())."""
+        counts[0] positions of the first row, then counts[1] of the next (S = counts.sum());
+        rows = which cache rows they belong to (default: all rows, in order; must be distinct)."""
         device = self.lengths.device
         counts = counts.to(device).long()
         rows = torch.arange(self.batch, device=device) if rows is None else rows.to(device).long()
@@ -60,10 +61,7 @@ class ContextKVCache:
         end = int((self.lengths[rows] + counts).max())
         if end > self.capacity:
             self._grow(end)
-        owner = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
-        offset = torch.arange(len(owner), device=device) - (torch.cumsum(counts, 0) - counts)[owner]
-        dst = rows[owner]
-        dest = self.lengths[dst] + offset
+        dst, dest = self.packed_slots(counts, rows)
         for layer, (k, v) in enumerate(layer_kv):
             self.keys[layer][dst, :, dest] = k.to(self.keys[layer].dtype)
             self.values[layer][dst, :, dest] = v.to(self.values[layer].dtype)

@@ -163,12 +163,8 @@ class DSparkDrafter(nn.Module):
             return
         if int(counts.sum()) != total:
             raise ValueError(f"add_context_packed: counts sum to {int(counts.sum())} but {total} positions were given")
-        device = cache.lengths.device
-        rows = torch.arange(len(counts), device=device) if rows is None else rows.to(device).long()
-        counts = counts.to(device)
-        owner = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)  # [S]
-        offset = torch.arange(total, device=device) - (torch.cumsum(counts, 0) - counts)[owner]
-        positions = (cache.lengths[rows][owner] + offset)[None, :].to(self.device)
+        _, positions = cache.packed_slots(counts, rows)
+        positions = positions[None, :].to(self.device)
         ctx = self.fuse_context(target_hidden)[None]  # [1, S, H]
         cos, sin = rotary_cos_sin(self.rotary_emb, self.family, ctx, positions)
         layer_kv = []

@@ -29,7 +29,8 @@ class PendingContext:
         self._tokens: dict[int, int] = {}
 
     def push(self, row: int, features: torch.Tensor) -> None:
-        """Queue features [n, m*H] for ``row`` (copied: the engine reuses its buffers)."""
+        """Queue features [n, m*H] for ``row`` (copied, so a queued slice does not keep the whole
+        step's feature tensor alive)."""
         if features.shape[0] == 0:
             return
         self._parts.setdefault(row, []).append(features.clone())
@@ -49,7 +50,7 @@ class PendingContext:
         rows = [r for r in dict.fromkeys(self._parts if rows is None else rows) if r in self._parts]
         if not rows:
             return 0
-        feats = torch.cat([torch.cat(self._parts[r]) if len(self._parts[r]) > 1 else self._parts[r][0] for r in rows])
+        feats = torch.cat([part for r in rows for part in self._parts[r]])
         counts = torch.tensor([self._tokens[r] for r in rows])
         for r in rows:
             self.drop(r)

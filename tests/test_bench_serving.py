@@ -3,8 +3,9 @@
 from dspark_vllm.bench.serving import pool_rounds
 
 
-def _run(config, c, rnd, tokens, wall, answers, lat=1.0, p90=2.0):
+def _run(config, c, rnd, tokens, wall, answers, lat=1.0, p90=2.0, requests=None):
     return {"config": config, "concurrency": c, "round": rnd, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "requests": len(answers) if requests is None else requests,
             "latency_mean_s": lat, "latency_p90_s": p90, "answers": answers}
 
 
@@ -26,3 +27,10 @@ def test_an_answer_that_changes_between_rounds_is_not_identical():
     runs = [_run("spec", 4, 0, 10, 1, {"0": "a"}), _run("spec", 4, 1, 10, 1, {"0": "b"})]
     (row,) = pool_rounds(runs, ["spec"])
     assert row["answers"] == {"0": None}
+
+
+def test_latency_is_weighted_by_requests_not_distinct_prompts():
+    """Four requests that repeat one prompt weigh four times one request."""
+    runs = [_run("spec", 4, 0, 40, 1, {"0": "a"}, lat=2.0, requests=4), _run("spec", 4, 1, 10, 1, {"0": "a"}, lat=6.0)]
+    (row,) = pool_rounds(runs, ["spec"])
+    assert row["latency_mean_s"] == (2.0 * 4 + 6.0 * 1) / 5

@@ -112,7 +112,8 @@ def drive(port: int, prompts: list[str], concurrency: int, per_client: int, max_
     wall = time.perf_counter() - t0
     lat = sorted(r[3] for r in results)
     tokens = sum(r[2] for r in results)
-    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "latency_mean_s": sum(lat) / len(lat),
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "requests": len(results),
+            "latency_mean_s": sum(lat) / len(lat),
             "latency_p90_s": lat[min(len(lat) - 1, int(0.9 * len(lat)))],
             "answers": {str(r[0]): r[1] for r in results}}
 
@@ -182,7 +183,7 @@ def pool_rounds(runs: list[dict], order: list[str]) -> list[dict]:
             for r in group:
                 for k, v in r["answers"].items():
                     stable &= answers.setdefault(k, v) == v
-            n = [len(r["answers"]) or 1 for r in group]
+            n = [r["requests"] for r in group]  # not len(answers): prompts repeat when c * per_client > prompts
             tokens, wall = sum(r["tokens"] for r in group), sum(r["wall_s"] for r in group)
             pooled.append({"config": name, "concurrency": c, "rounds": len(group), "tokens": tokens, "wall_s": wall,
                            "tok_s": tokens / wall,
