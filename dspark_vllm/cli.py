@@ -242,12 +242,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                          if args.target_layer_ids else None)
     cfg = TrainConfig(steps=args.steps, seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors_per_seq,
                       lr=args.lr, threads=args.threads, seed=args.seed, save_every=args.save_every,
-                      loss_vocab=args.loss_vocab, negatives=args.negatives)
+                      loss_vocab=args.loss_vocab, negatives=args.negatives, device=args.device,
+                      warmup=args.warmup)
     out = train_drafter(target, datasets, Path(args.out), shape, cfg,
                         data_dir=Path(args.data_dir) if args.data_dir else None,
                         max_new_tokens=args.max_new_tokens, max_len=args.max_len, backend=args.backend,
                         time_budget_s=args.time_budget_min * 60 if args.time_budget_min else None,
-                        max_samples=args.max_samples)
+                        max_samples=args.max_samples, gen_batch_size=args.gen_batch_size,
+                        sampled_answers=args.sampled_answers, sample_temperature=args.sample_temperature)
     print(f"[train] drafter written to {out}")
     return 0
 
@@ -360,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-every", type=int, default=50)
     train.add_argument("--time-budget-min", type=float, default=None, help="stop (and save) after this long")
     train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--device", default="cpu", help="torch device for generation, features and training "
+                       "(e.g. cuda; generation then uses HF transformers, batched)")
+    train.add_argument("--gen-batch-size", type=int, default=1, help="prompts per HF generate call")
+    train.add_argument("--sampled-answers", type=int, default=0,
+                       help="extra answers per prompt sampled at --sample-temperature (HF backend)")
+    train.add_argument("--sample-temperature", type=float, default=0.8)
+    train.add_argument("--warmup", type=int, default=20, help="linear learning-rate warm-up steps")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=cmd_train)
     export = sub.add_parser("export-drafter", help="release copy of a trained drafter (fp16, shared embeddings)")

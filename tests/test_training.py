@@ -10,8 +10,8 @@ import torch
 
 from conftest import make_tiny_qwen3
 from dspark_vllm.checkpoint import build_random_drafter, load_checkpoint, save_checkpoint
-from dspark_vllm.training.batch import anchor_candidates, build_batch
-from dspark_vllm.training.data import Sample, capture_features
+from dspark_vllm.training.batch import TrainBatch, anchor_candidates, build_batch, sample_anchor_rows
+from dspark_vllm.training.data import FeatureShard, Sample, capture_features
 from dspark_vllm.training.loss import LossWeights, dspark_loss
 from dspark_vllm.training.trainer import TrainConfig, Trainer, init_for_training, packed_hidden
 
@@ -84,6 +84,50 @@ def test_labels_prev_and_validity(setup):
         assert k == min(4, len(toks) - a - 1)
         assert batch.labels[0, b, :k].tolist() == toks[a + 1: a + 1 + k]
         assert batch.prev[0, b, :k].tolist() == toks[a: a + k]
+
+
+@pytest.mark.parametrize("anchors", [3, 40])
+def test_vectorised_batch_equals_per_block_construction(setup, anchors):
+    """build_batch (whole-batch gathers) builds exactly what the per-block loop builds, padding
+    blocks included (40 anchors > the candidates of these 34-token answers)."""
+    _, _, shard = setup
+    for seed in range(3):
+        fast = build_batch(shard, [0, 7, 3, 7], anchors, 4, 127, torch.Generator().manual_seed(seed))
+        slow = _build_batch_loop(shard, [0, 7, 3, 7], anchors, 4, 127, torch.Generator().manual_seed(seed))
+        for name in TrainBatch.__dataclass_fields__:
+            torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=0, atol=0, msg=name)
+
+
+
+def test_batched_hf_generation_equals_one_prompt_at_a_time():
+    """Left-padded batches give each prompt the greedy answer it gets alone; sampled answers
+    are reproducible for a seed and differ from greedy."""
+    from dspark_vllm.training.data import _generate_hf
+
+    model = make_tiny_qwen3(vocab_size=128, layers=2, logit_scale=4.0)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 120, (n,), generator=g).tolist() for n in (3, 9, 5, 12, 7)]
+    alone = _generate_hf(model, prompts, 10, eos=None, batch_size=1)
+    batched = _generate_hf(model, prompts, 10, eos=None, batch_size=3)
+    assert batched == alone and all(len(a) == 10 for a in alone)
+    hot = _generate_hf(model, prompts, 10, eos=None, batch_size=3, temperature=1.0, seed=1)
+    assert hot == _generate_hf(model, prompts, 10, eos=None, batch_size=3, temperature=1.0, seed=1)
+    assert hot != alone
+
+
+def test_answers_are_cut_after_the_first_eos():
+    from dspark_vllm.training.data import _strip_after_eos
+
+    assert _strip_after_eos([4, 9, 2, 2, 2], eos=2) == [4, 9, 2]
+    assert _strip_after_eos([4, 9, 5], eos=2) == [4, 9, 5]
+    assert _strip_after_eos([4, 2], eos=None) == [4, 2]
+
+
+def test_feature_shard_moves_between_devices(setup):
+    _, _, shard = setup
+    assert shard.to("cpu") is shard
+    moved = shard.to("meta")
+    assert moved.features.device.type == "meta" and moved.features.shape == shard.features.shape
 
 
 def test_loss_terms_follow_the_spec():
@@ -224,3 +268,48 @@ def test_draft_vocabulary_ranks_by_frequency_and_loads_with_the_checkpoint(tmp_p
     assert load_checkpoint(tmp_path).draft_vocab is None
     with pytest.raises(FileNotFoundError, match="dspark-vllm draft-vocab"):
         load_checkpoint(tmp_path, draft_vocab_size=8)
+
+
+def _build_batch_loop(shard: FeatureShard, seq_ids: list[int], anchors_per_seq: int, block_size: int,
+                      mask_token_id: int, generator: torch.Generator) -> TrainBatch:
+    """The straightforward per-block construction, kept as the oracle for build_batch."""
+    rows = sample_anchor_rows(shard, seq_ids, anchors_per_seq, generator)
+    s_n, a_n, b_n = len(rows), anchors_per_seq, block_size
+    t_n = max(int(anchors.max()) for _, _, anchors in rows)
+    t_n = max(t_n, 1)
+    m_h, h = shard.features.shape[1], shard.last_hidden.shape[1]
+    context = torch.zeros(s_n, t_n, m_h, dtype=shard.features.dtype)
+    block_ids = torch.full((s_n, a_n * b_n), mask_token_id, dtype=torch.long)
+    block_pos = torch.zeros(s_n, a_n * b_n, dtype=torch.long)
+    mask = torch.zeros(s_n, a_n * b_n, t_n + a_n * b_n, dtype=torch.bool)
+    labels = torch.full((s_n, a_n, b_n), -1, dtype=torch.long)
+    prev = torch.zeros(s_n, a_n, b_n, dtype=torch.long)
+    target_hidden = torch.zeros(s_n, a_n, b_n, h, dtype=shard.last_hidden.dtype)
+    j = torch.arange(b_n)
+    for r, (lo, hi, anchors) in enumerate(rows):
+        n = hi - lo
+        toks = shard.tokens[lo:hi]
+        lm = shard.loss_mask[lo:hi]
+        ctx_len = min(int(anchors.max()), t_n)
+        context[r, :ctx_len] = shard.features[lo: lo + ctx_len]
+        for b in range(a_n):
+            q = slice(b * b_n, (b + 1) * b_n)
+            mask[r, q, t_n + b * b_n: t_n + (b + 1) * b_n] = True  # own block, non-causal
+            if b >= len(anchors):
+                continue  # padding block: sees only itself, never supervised
+            a = int(anchors[b])
+            block_ids[r, b * b_n] = toks[a]
+            block_pos[r, q] = a + j
+            mask[r, q, :a] = True
+            lab_pos = a + 1 + j
+            inside = lab_pos < n
+            ok = inside.clone()
+            ok[inside] &= lm[lab_pos[inside]]
+            ok = torch.cumprod(ok.long(), 0).bool()
+            k = int(ok.sum())
+            labels[r, b, :k] = toks[a + 1: a + 1 + k]
+            prev[r, b, 0] = toks[a]
+            prev[r, b, 1:k] = toks[a + 1: a + k]
+            target_hidden[r, b, :k] = shard.last_hidden[lo + a: lo + a + k]
+    context_pos = torch.arange(t_n)[None, :].expand(s_n, t_n).contiguous()
+    return TrainBatch(context, context_pos, block_ids, block_pos, mask, labels, prev, target_hidden)

@@ -39,55 +39,78 @@ def anchor_candidates(loss_mask: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(ok).flatten()
 
 
-def build_batch(shard: FeatureShard, seq_ids: list[int], anchors_per_seq: int, block_size: int,
-                mask_token_id: int, generator: torch.Generator) -> TrainBatch:
-    """Sample up to ``anchors_per_seq`` anchors per sequence (uniform, without replacement)."""
+def sample_candidates(shard: FeatureShard) -> list[torch.Tensor]:
+    """Anchor candidates of every sample (CPU), for repeated :func:`build_batch` calls."""
+    mask, offsets = shard.loss_mask.cpu(), shard.offsets.tolist()
+    return [anchor_candidates(mask[lo:hi]) for lo, hi in zip(offsets[:-1], offsets[1:])]
+
+
+def sample_anchor_rows(shard: FeatureShard, seq_ids: list[int], anchors_per_seq: int, generator: torch.Generator,
+                       candidates: list[torch.Tensor] | None = None) -> list[tuple[int, int, torch.Tensor]]:
+    """(start, end, sorted anchors) per sequence that has an anchor candidate."""
     rows = []
+    offsets = shard.offsets.tolist()
     for s in seq_ids:
-        lo, hi = int(shard.offsets[s]), int(shard.offsets[s + 1])
-        cand = anchor_candidates(shard.loss_mask[lo:hi])
+        lo, hi = offsets[s], offsets[s + 1]
+        cand = candidates[s] if candidates is not None else anchor_candidates(shard.loss_mask[lo:hi].cpu())
         if len(cand) == 0:
             continue
         pick = torch.randperm(len(cand), generator=generator)[:anchors_per_seq]
         rows.append((lo, hi, cand[pick].sort().values))
     if not rows:
         raise ValueError("no sequence in the batch has an answer of 2+ tokens")
+    return rows
+
+
+def build_batch(shard: FeatureShard, seq_ids: list[int], anchors_per_seq: int, block_size: int,
+                mask_token_id: int, generator: torch.Generator,
+                candidates: list[torch.Tensor] | None = None) -> TrainBatch:
+    """Sample up to ``anchors_per_seq`` anchors per sequence (uniform, without replacement).
+
+    Built with whole-batch gathers on the shard's device (no per-block Python loop): on a GPU the
+    per-block loop cost more than the training step itself. ``candidates`` (CPU, per sample, from
+    :func:`sample_candidates`) saves recomputing them from a shard that lives on a GPU."""
+    rows = sample_anchor_rows(shard, seq_ids, anchors_per_seq, generator, candidates)
+    dev = shard.tokens.device
     s_n, a_n, b_n = len(rows), anchors_per_seq, block_size
-    t_n = max(int(anchors.max()) for _, _, anchors in rows)
-    t_n = max(t_n, 1)
-    m_h, h = shard.features.shape[1], shard.last_hidden.shape[1]
-    context = torch.zeros(s_n, t_n, m_h, dtype=shard.features.dtype)
-    block_ids = torch.full((s_n, a_n * b_n), mask_token_id, dtype=torch.long)
-    block_pos = torch.zeros(s_n, a_n * b_n, dtype=torch.long)
-    mask = torch.zeros(s_n, a_n * b_n, t_n + a_n * b_n, dtype=torch.bool)
-    labels = torch.full((s_n, a_n, b_n), -1, dtype=torch.long)
-    prev = torch.zeros(s_n, a_n, b_n, dtype=torch.long)
-    target_hidden = torch.zeros(s_n, a_n, b_n, h, dtype=shard.last_hidden.dtype)
-    j = torch.arange(b_n)
-    for r, (lo, hi, anchors) in enumerate(rows):
-        n = hi - lo
-        toks = shard.tokens[lo:hi]
-        lm = shard.loss_mask[lo:hi]
-        ctx_len = min(int(anchors.max()), t_n)
-        context[r, :ctx_len] = shard.features[lo: lo + ctx_len]
-        for b in range(a_n):
-            q = slice(b * b_n, (b + 1) * b_n)
-            mask[r, q, t_n + b * b_n: t_n + (b + 1) * b_n] = True  # own block, non-causal
-            if b >= len(anchors):
-                continue  # padding block: sees only itself, never supervised
-            a = int(anchors[b])
-            block_ids[r, b * b_n] = toks[a]
-            block_pos[r, q] = a + j
-            mask[r, q, :a] = True
-            lab_pos = a + 1 + j
-            inside = lab_pos < n
-            ok = inside.clone()
-            ok[inside] &= lm[lab_pos[inside]]
-            ok = torch.cumprod(ok.long(), 0).bool()
-            k = int(ok.sum())
-            labels[r, b, :k] = toks[a + 1: a + 1 + k]
-            prev[r, b, 0] = toks[a]
-            prev[r, b, 1:k] = toks[a + 1: a + k]
-            target_hidden[r, b, :k] = shard.last_hidden[lo + a: lo + a + k]
-    context_pos = torch.arange(t_n)[None, :].expand(s_n, t_n).contiguous()
-    return TrainBatch(context, context_pos, block_ids, block_pos, mask, labels, prev, target_hidden)
+    t_n = max(1, max(int(anchors.max()) for _, _, anchors in rows))
+    # per-block anchor (relative to its sequence), sequence start/end; padding blocks: used=False
+    anchor = torch.zeros(s_n, a_n, dtype=torch.long)
+    used = torch.zeros(s_n, a_n, dtype=torch.bool)
+    for r, (_, _, anchors) in enumerate(rows):
+        anchor[r, : len(anchors)] = anchors
+        used[r, : len(anchors)] = True
+    lo = torch.tensor([r[0] for r in rows])
+    length = torch.tensor([r[1] - r[0] for r in rows])
+    anchor, used, lo, length = (x.to(dev) for x in (anchor, used, lo, length))
+    j = torch.arange(b_n, device=dev)
+    last = len(shard.tokens) - 1
+
+    # context: each row's features at positions < its last anchor (zeros after)
+    t = torch.arange(t_n, device=dev)
+    ctx_len = anchor.max(1).values
+    ctx_ok = t[None, :] < ctx_len[:, None]
+    context = shard.features[(lo[:, None] + t[None, :]).clamp_max(last)] * ctx_ok[..., None]
+
+    # labels x*_{a+1..a+B}: inside the sequence, answer tokens, up to the first that is not
+    lab_rel = anchor[..., None] + 1 + j                                    # [S, A, B]
+    lab_abs = (lo[:, None, None] + lab_rel).clamp_max(last)
+    ok = (lab_rel < length[:, None, None]) & shard.loss_mask[lab_abs] & used[..., None]
+    ok = torch.cumprod(ok.long(), -1).bool()
+    labels = torch.where(ok, shard.tokens[lab_abs], -1)
+    prev_abs = lab_abs - 1                                                 # a+j: anchor, x*_0, ...
+    anchor_tok = shard.tokens[lo[:, None] + anchor]
+    prev = torch.where(ok, shard.tokens[prev_abs], 0)
+    prev[..., 0] = torch.where(used, anchor_tok, 0)
+    target_hidden = shard.last_hidden[prev_abs] * ok[..., None]
+
+    block_ids = torch.full((s_n, a_n, b_n), mask_token_id, dtype=torch.long, device=dev)
+    block_ids[..., 0] = torch.where(used, anchor_tok, mask_token_id)
+    block_pos = torch.where(used[..., None], anchor[..., None] + j, 0)
+    # block b sees context positions < a_b and its own block (non-causally), nothing else
+    own = torch.block_diag(*[torch.ones(b_n, b_n, dtype=torch.bool, device=dev)] * a_n)
+    sees_ctx = (t[None, None, :] < anchor[..., None]) & used[..., None]    # [S, A, T]
+    mask = torch.cat([sees_ctx.repeat_interleave(b_n, dim=1), own.expand(s_n, -1, -1)], dim=-1)
+    context_pos = t[None, :].expand(s_n, t_n).contiguous()
+    return TrainBatch(context, context_pos, block_ids.view(s_n, a_n * b_n), block_pos.view(s_n, a_n * b_n),
+                      mask, labels, prev, target_hidden)

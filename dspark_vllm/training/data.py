@@ -58,27 +58,67 @@ def _generate_vllm(target: str, prompts: list[list[int]], max_new_tokens: int, t
     return answers
 
 
+def _strip_after_eos(ids: list[int], eos: int | None) -> list[int]:
+    """Keep the answer up to and including its first EOS (batched generate pads after it)."""
+    if eos is not None and eos in ids:
+        return ids[: ids.index(eos) + 1]
+    return ids
+
+
 @torch.no_grad()
-def _generate_hf(model, prompts: list[list[int]], max_new_tokens: int, eos: int | None) -> list[list[int]]:
-    out = []
-    for ids in tqdm(prompts, desc="generate (HF)", unit="prompt"):
-        gen = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos, pad_token_id=eos)
-        out.append(gen[0, len(ids):].tolist())
+def _generate_hf(model, prompts: list[list[int]], max_new_tokens: int, eos: int | None, batch_size: int = 1,
+                 temperature: float = 0.0, seed: int = 0, max_tokens: int = 131072) -> list[list[int]]:
+    """Answers from HF ``generate``, up to ``batch_size`` prompts at a time (left-padded, on the
+    model's device), fewer for long prompts so a call holds ~``max_tokens`` tokens. Prompts are
+    grouped by length so padding stays small; results keep input order."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
+    bar = tqdm(total=len(prompts), desc=f"generate (HF, T={temperature:g})", unit="prompt")
+    chunks, start = [], 0
+    while start < len(order):  # at most batch_size prompts and ~max_tokens padded tokens per call
+        n = 1
+        while (n < batch_size and start + n < len(order)
+               and (n + 1) * (len(prompts[order[start + n]]) + max_new_tokens) <= max_tokens):
+            n += 1
+        chunks.append(order[start: start + n])
+        start += n
+    for chunk in chunks:
+        width = max(len(prompts[i]) for i in chunk)
+        pad = eos if eos is not None else 0
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        att = torch.zeros(len(chunk), width, dtype=torch.long)
+        for r, i in enumerate(chunk):
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            att[r, width - len(prompts[i]):] = 1
+        gen = model.generate(ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
+                             eos_token_id=eos, pad_token_id=pad, **sampling)
+        for r, i in enumerate(chunk):
+            out[i] = _strip_after_eos(gen[r, width:].tolist(), eos)
+        bar.update(len(chunk))
+    bar.close()
     return out
 
 
 def regenerate(target: str, prompts: list[list[int]], max_new_tokens: int, backend: str = "auto",
-               threads: int = 2) -> list[Sample]:
-    """Target answers for ``prompts`` (greedy, up to max_new_tokens, stop at EOS)."""
-    use_vllm = backend == "vllm" or (backend == "auto" and _has_vllm())
+               threads: int = 2, device: str = "cpu", batch_size: int = 1, temperature: float = 0.0,
+               seed: int = 0) -> list[Sample]:
+    """Target answers for ``prompts`` (up to max_new_tokens, stop at EOS): greedy by default,
+    sampled at ``temperature`` > 0 (HF backend only) for extra, more varied training answers."""
+    use_vllm = backend == "vllm" or (backend == "auto" and _has_vllm() and device == "cpu" and temperature == 0)
     if use_vllm:
+        if temperature > 0:
+            raise ValueError("sampled answers need the HF backend (--backend hf)")
         answers = _generate_vllm(target, prompts, max_new_tokens, threads)
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
-        answers = _generate_hf(model, prompts, max_new_tokens, model.generation_config.eos_token_id)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).to(device).eval()
+        answers = _generate_hf(model, prompts, max_new_tokens, model.generation_config.eos_token_id,
+                               batch_size, temperature, seed)
     return [Sample(p, a) for p, a in zip(prompts, answers) if a]
 
 
@@ -106,6 +146,12 @@ class FeatureShard:
     def load(cls, path: Path) -> "FeatureShard":
         return cls(**torch.load(path, weights_only=True))
 
+    def to(self, device: torch.device | str) -> "FeatureShard":
+        """The same shard on ``device`` (itself when already there)."""
+        if self.tokens.device == torch.device(device):
+            return self
+        return FeatureShard(**{k: v.to(device) for k, v in self.__dict__.items()})
+
     @property
     def num_samples(self) -> int:
         return len(self.offsets) - 1
@@ -114,7 +160,9 @@ class FeatureShard:
 @torch.no_grad()
 def capture_features(model, samples: list[Sample], layer_ids: list[int], batch_tokens: int = 4096) -> FeatureShard:
     """Run the target over each sample once and keep the drafter's inputs (spec §1.4):
-    raw outputs of ``layer_ids`` (HF hidden_states[id + 1]) and the final normed hidden state."""
+    raw outputs of ``layer_ids`` (HF hidden_states[id + 1]) and the final normed hidden state.
+    Runs on the model's device; the shard is returned on the CPU."""
+    device = next(model.parameters()).device
     toks, feats, lasts, masks, offsets = [], [], [], [], [0]
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].tokens))
     batches, cur = [], []
@@ -135,12 +183,13 @@ def capture_features(model, samples: list[Sample], layer_ids: list[int], batch_t
             t = samples[i].tokens
             ids[r, : len(t)] = torch.tensor(t)
             att[r, : len(t)] = 1
-        out = model.model(input_ids=ids, attention_mask=att, output_hidden_states=True, use_cache=False)
+        out = model.model(input_ids=ids.to(device), attention_mask=att.to(device), output_hidden_states=True,
+                          use_cache=False)
         hs = out.hidden_states
         cat = torch.cat([hs[i + 1] for i in layer_ids], dim=-1)
         for r, i in enumerate(batch):
             n = len(samples[i].tokens)
-            results[i] = (cat[r, :n].half(), out.last_hidden_state[r, :n].half())
+            results[i] = (cat[r, :n].half().cpu(), out.last_hidden_state[r, :n].half().cpu())
             bar.update(n)
     bar.close()
     for i, s in enumerate(samples):
@@ -169,10 +218,14 @@ def fit_length(samples: list[Sample], max_len: int) -> list[Sample]:
 
 def prepare_dataset(target: str, datasets: list[str], layer_ids: list[int], out: Path, max_new_tokens: int = 256,
                     backend: str = "auto", threads: int = 2, max_len: int = 512,
-                    max_samples: int | None = None, seed: int = 0) -> FeatureShard:
+                    max_samples: int | None = None, seed: int = 0, device: str = "cpu", gen_batch_size: int = 1,
+                    sampled_answers: int = 0, sample_temperature: float = 0.8) -> FeatureShard:
     """Regenerate answers for every ``path.jsonl[:start:stop]`` and cache their features.
 
-    Steps are cached in ``out`` (answers.json, features.pt), so an interrupted run resumes."""
+    Each prompt gets its greedy answer plus ``sampled_answers`` answers sampled at
+    ``sample_temperature`` (more varied contexts from the same prompts; the loss still targets
+    the target's own distribution at every position). Steps are cached in ``out`` (answers.json,
+    features.pt), so an interrupted run resumes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -184,15 +237,21 @@ def prepare_dataset(target: str, datasets: list[str], layer_ids: list[int], out:
     else:
         tok = AutoTokenizer.from_pretrained(target)
         prompts = [p for spec in datasets for p in dataset_prompts(spec, tok)]
-        samples = regenerate(target, prompts, max_new_tokens, backend, threads)
+        prompts = [p for p in prompts if len(p) <= max_len - 16]  # fit_length would drop their answers
+        samples = regenerate(target, prompts, max_new_tokens, backend, threads, device, gen_batch_size)
+        for k in range(sampled_answers):
+            samples += regenerate(target, prompts, max_new_tokens, "hf", threads, device, gen_batch_size,
+                                  sample_temperature, seed=seed + 1 + k)
         answers_file.write_text(json.dumps({"datasets": datasets, "max_new_tokens": max_new_tokens,
+                                            "sampled_answers": sampled_answers,
+                                            "sample_temperature": sample_temperature,
                                             "samples": [s.__dict__ for s in samples]}))
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).to(device).eval()
     samples = fit_length(samples, max_len)
     if max_samples is not None and len(samples) > max_samples:  # capture cost is per token: subsample
         keep = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))[:max_samples]
         samples = [samples[i] for i in sorted(keep.tolist())]
-    shard = capture_features(model, samples, layer_ids)
+    shard = capture_features(model, samples, layer_ids, batch_tokens=4096 if device == "cpu" else 65536)
     shard.save(shard_file)
     return shard

@@ -31,7 +31,8 @@ class DrafterShape:
 def train_drafter(target: str, datasets: list[str], out: Path, shape: DrafterShape, cfg: TrainConfig,
                   data_dir: Path | None = None, max_new_tokens: int = 256, max_len: int = 512,
                   backend: str = "auto", time_budget_s: float | None = None,
-                  max_samples: int | None = None) -> Path:
+                  max_samples: int | None = None, gen_batch_size: int = 1, sampled_answers: int = 0,
+                  sample_temperature: float = 0.8) -> Path:
     """Prepare (or reuse) the data, then train (or resume) a drafter for ``target`` into ``out``."""
     from transformers import AutoModelForCausalLM
 
@@ -50,7 +51,8 @@ def train_drafter(target: str, datasets: list[str], out: Path, shape: DrafterSha
     layer_ids = drafter.config.target_layer_ids
     t0 = time.perf_counter()
     shard = prepare_dataset(target, datasets, layer_ids, data_dir or out / "data", max_new_tokens, backend,
-                            cfg.threads, max_len, max_samples, cfg.seed)
+                            cfg.threads, max_len, max_samples, cfg.seed, cfg.device, gen_batch_size,
+                            sampled_answers, sample_temperature)
     print(f"[train] data: {shard.num_samples} samples, {int(shard.loss_mask.sum())} answer tokens "
           f"({time.perf_counter() - t0:.0f} s)")
     init_for_training(drafter, cfg.seed)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..backbone import rotary_cos_sin
 from ..checkpoint import save_checkpoint
 from ..drafter import DSparkDrafter
-from .batch import TrainBatch, build_batch
+from .batch import TrainBatch, build_batch, sample_candidates
 from .data import FeatureShard
 from .loss import LossWeights, dspark_loss
 
@@ -41,6 +41,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int = 2
+    # "cpu" or a torch device such as "cuda": drafter, optimizer and the feature shard live there
+    device: str = "cpu"
     # "full": softmax over the whole vocabulary (DeepSpec). "active": over the tokens that occur
     # in the training answers plus `negatives` random other ids drawn fresh each step (a sampled
     # softmax; both distributions renormalised on that subset) - several times cheaper on CPU,
@@ -129,7 +131,7 @@ def feature_scale(shard: FeatureShard, sample: int = 20000) -> torch.Tensor:
     elsewhere), which would dominate ``fc`` at a random init. Training therefore runs ``fc`` on
     features divided by this scale and folds the scale back into ``fc.weight`` when saving:
     fc_saved(x) = W (x / s) exactly, so the checkpoint format and inference are unchanged."""
-    idx = torch.linspace(0, len(shard.features) - 1, min(sample, len(shard.features))).long()
+    idx = torch.linspace(0, len(shard.features) - 1, min(sample, len(shard.features))).long().to(shard.features.device)
     rms = shard.features[idx].float().pow(2).mean(0).sqrt()
     return rms.clamp_min(1e-3)
 
@@ -143,8 +145,11 @@ class Trainer:
     """Owns the drafter, optimizer and data; ``run`` trains to ``cfg.steps`` with resume."""
 
     def __init__(self, drafter: DSparkDrafter, shard: FeatureShard, out: Path, cfg: TrainConfig) -> None:
-        self.drafter = drafter.float().train()
-        self.shard = shard
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.drafter = drafter.float().to(self.device).train()
+        self.shard = shard.to(self.device)
         self.out = Path(out)
         self.cfg = cfg
         self.params = trainable_parameters(self.drafter)
@@ -154,17 +159,18 @@ class Trainer:
         self.elapsed = 0.0
         if cfg.loss_vocab not in ("full", "active"):
             raise ValueError(f"loss_vocab must be 'full' or 'active', not {cfg.loss_vocab!r}")
-        self.active = active_vocabulary(shard) if cfg.loss_vocab == "active" else None
+        self.active = active_vocabulary(self.shard) if cfg.loss_vocab == "active" else None
         # fc.weight is trained in the normalised parametrisation (see feature_scale); a fresh
         # init is used as such, a resumed checkpoint is converted in try_resume.
-        self.feature_scale = feature_scale(shard)
+        self.feature_scale = feature_scale(self.shard)
+        self.candidates = sample_candidates(self.shard)
 
     def step_vocabulary(self) -> torch.Tensor | None:
         """This step's loss vocabulary: None (full) or active ids + fresh random negatives."""
         if self.active is None:
             return None
         vocab_size = self.drafter.config.vocab_size
-        negatives = torch.randint(0, vocab_size, (self.cfg.negatives,), generator=self.gen)
+        negatives = torch.randint(0, vocab_size, (self.cfg.negatives,), generator=self.gen).to(self.device)
         return torch.unique(torch.cat([self.active, negatives]))
 
     # ---- persistence -----------------------------------------------------------------------
@@ -187,9 +193,9 @@ class Trainer:
         load_weights_into(self.drafter, self.out)
         with torch.no_grad():
             self.drafter.fc.weight.mul_(self.feature_scale)
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location=self.device)
         self.opt.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["generator"])
+        self.gen.set_state(state["generator"].cpu())
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed", 0.0))
         return True
@@ -199,7 +205,7 @@ class Trainer:
         cfg = self.cfg
         seqs = torch.randint(0, self.shard.num_samples, (cfg.seqs_per_step,), generator=self.gen).tolist()
         batch = build_batch(self.shard, seqs, cfg.anchors_per_seq, self.drafter.block_size,
-                            self.drafter.config.mask_token_id, self.gen)
+                            self.drafter.config.mask_token_id, self.gen, self.candidates)
         batch.context = batch.context.float() / self.feature_scale
         vocab = self.step_vocabulary()
         logits, conf, block_index, pos, n_blocks = teacher_forced_outputs(self.drafter, batch, vocab)
