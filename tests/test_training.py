@@ -115,6 +115,21 @@ def test_batched_hf_generation_equals_one_prompt_at_a_time():
     assert hot != alone
 
 
+def test_length_batches_cover_every_index_within_the_budget():
+    from dspark_vllm.training.data import length_batches
+
+    lengths = [5, 40, 3, 12, 12, 7, 100, 9]
+    for max_items in (None, 2):
+        batches = length_batches(lengths, 30, max_items)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        flat = [lengths[i] for b in batches for i in b]
+        assert flat == sorted(flat)
+        for b in batches:
+            assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 30
+            assert max_items is None or len(b) <= max_items
+    assert length_batches(lengths, 30) == [[2, 0, 5], [7, 3], [4], [1], [6]]
+
+
 def test_answers_are_cut_after_the_first_eos():
     from dspark_vllm.training.data import _strip_after_eos
 

@@ -58,6 +58,25 @@ def _generate_vllm(target: str, prompts: list[list[int]], max_new_tokens: int, t
     return answers
 
 
+MIN_ANSWER_ROOM = 16  # a sample keeps its answer only if the prompt leaves this many of max_len
+
+
+def length_batches(lengths: list[int], max_tokens: int, max_items: int | None = None) -> list[list[int]]:
+    """Indices grouped in order of length so each group, padded to its longest member, holds at
+    most ``max_tokens`` tokens (a lone longer item forms its own group) and ``max_items`` items."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur and ((len(cur) + 1) * lengths[i] > max_tokens or (max_items is not None and len(cur) >= max_items)):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 def _strip_after_eos(ids: list[int], eos: int | None) -> list[int]:
     """Keep the answer up to and including its first EOS (batched generate pads after it)."""
     if eos is not None and eos in ids:
@@ -72,23 +91,14 @@ def _generate_hf(model, prompts: list[list[int]], max_new_tokens: int, eos: int 
     model's device), fewer for long prompts so a call holds ~``max_tokens`` tokens. Prompts are
     grouped by length so padding stays small; results keep input order."""
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
         dict(do_sample=False)
+    pad = eos if eos is not None else 0
     bar = tqdm(total=len(prompts), desc=f"generate (HF, T={temperature:g})", unit="prompt")
-    chunks, start = [], 0
-    while start < len(order):  # at most batch_size prompts and ~max_tokens padded tokens per call
-        n = 1
-        while (n < batch_size and start + n < len(order)
-               and (n + 1) * (len(prompts[order[start + n]]) + max_new_tokens) <= max_tokens):
-            n += 1
-        chunks.append(order[start: start + n])
-        start += n
-    for chunk in chunks:
+    for chunk in length_batches([len(p) + max_new_tokens for p in prompts], max_tokens, batch_size):
         width = max(len(prompts[i]) for i in chunk)
-        pad = eos if eos is not None else 0
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         att = torch.zeros(len(chunk), width, dtype=torch.long)
         for r, i in enumerate(chunk):
@@ -164,15 +174,7 @@ def capture_features(model, samples: list[Sample], layer_ids: list[int], batch_t
     Runs on the model's device; the shard is returned on the CPU."""
     device = next(model.parameters()).device
     toks, feats, lasts, masks, offsets = [], [], [], [], [0]
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].tokens))
-    batches, cur = [], []
-    for i in order:
-        if cur and (len(cur) + 1) * len(samples[i].tokens) > batch_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
+    batches = length_batches([len(s.tokens) for s in samples], batch_tokens)
     results: dict[int, tuple] = {}
     bar = tqdm(total=sum(len(s.tokens) for s in samples), desc="target features", unit="tok")
     for batch in batches:
@@ -206,12 +208,12 @@ def capture_features(model, samples: list[Sample], layer_ids: list[int], batch_t
 
 
 def fit_length(samples: list[Sample], max_len: int) -> list[Sample]:
-    """Cut answers so prompt + answer <= max_len; drop samples whose prompt leaves < 16 answer
-    tokens (the target forward over long prompts is most of the feature-capture time)."""
+    """Cut answers so prompt + answer <= max_len; drop samples whose prompt leaves < MIN_ANSWER_ROOM
+    answer tokens (the target forward over long prompts is most of the feature-capture time)."""
     out = []
     for s in samples:
         room = max_len - len(s.prompt_ids)
-        if room >= 16 and len(s.answer_ids) >= 2:
+        if room >= MIN_ANSWER_ROOM and len(s.answer_ids) >= 2:
             out.append(Sample(s.prompt_ids, s.answer_ids[:room]))
     return out
 
@@ -237,7 +239,7 @@ def prepare_dataset(target: str, datasets: list[str], layer_ids: list[int], out:
     else:
         tok = AutoTokenizer.from_pretrained(target)
         prompts = [p for spec in datasets for p in dataset_prompts(spec, tok)]
-        prompts = [p for p in prompts if len(p) <= max_len - 16]  # fit_length would drop their answers
+        prompts = [p for p in prompts if len(p) <= max_len - MIN_ANSWER_ROOM]  # fit_length would drop them
         samples = regenerate(target, prompts, max_new_tokens, backend, threads, device, gen_batch_size)
         for k in range(sampled_answers):
             samples += regenerate(target, prompts, max_new_tokens, "hf", threads, device, gen_batch_size,
