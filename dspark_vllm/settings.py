@@ -38,8 +38,8 @@ class SchedulerSettings(_Strict):
                               "between profiled sizes (false: the paper's raw step curve)")
     draft_gate: bool = Field(True, description="causal_greedy/async_topk: skip drafting for a step when the "
                              "cost curve, measured draft time and past confidences say no length could pay")
-    learn_step_overhead: bool = Field(True, description="causal_greedy/async_topk: add the measured per-step "
-                                      "serving overhead (engine step wall time minus profiled forward) to the cost curve")
+    learn_step_cost: bool = Field(True, description="causal_greedy/async_topk: scale the cost curve by the measured "
+                                  "ratio of served engine step time to profiled forward time")
 
 
 class CalibrationSettings(_Strict):

@@ -34,3 +34,16 @@ def test_latency_is_weighted_by_requests_not_distinct_prompts():
     runs = [_run("spec", 4, 0, 40, 1, {"0": "a"}, lat=2.0, requests=4), _run("spec", 4, 1, 10, 1, {"0": "a"}, lat=6.0)]
     (row,) = pool_rounds(runs, ["spec"])
     assert row["latency_mean_s"] == (2.0 * 4 + 6.0 * 1) / 5
+
+
+def test_counter_delta_keeps_label_summed_names_and_pooling_adds_rounds():
+    from dspark_vllm.bench.serving import counter_delta
+
+    before = {"dspark:gated_steps_total": 10.0, 'dspark:position_reached_total{position="0"}': 3.0}
+    after = {"dspark:gated_steps_total": 25.0, "dspark:draft_steps_total": 4.0,
+             'dspark:position_reached_total{position="0"}': 9.0}
+    delta = counter_delta(before, after)
+    assert delta == {"dspark:gated_steps_total": 15.0, "dspark:draft_steps_total": 4.0}
+    runs = [dict(_run("la", 16, r, 100, 10, {"0": "a"}), counters=delta) for r in (0, 1)]
+    (row,) = pool_rounds(runs, ["la"])
+    assert row["counters"] == {"dspark:gated_steps_total": 30.0, "dspark:draft_steps_total": 8.0}

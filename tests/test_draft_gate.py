@@ -48,13 +48,16 @@ def test_gate_closes_under_load_and_for_poor_drafts():
 
 
 def test_closed_gate_probes_and_reopens_when_the_estimate_improves():
-    gate = DraftGate(flat_then_linear(), block_size=4, probe_every=3)
+    gate = DraftGate(flat_then_linear(), block_size=4, probe_every=3, max_probe_every=12)
     gate.observe(np.full((1, 4), 0.01), draft_ms=10.0)  # an unlucky first block closes the gate
-    assert [gate.should_draft(1) for _ in range(8)] == [False, False, False, True] * 2
-    assert [gate.num_to_draft(5) for _ in range(4)] == [0, 0, 0, 1]  # a probe drafts one request
+    # probes after 3 skipped steps, then 6, 12, 12: each probe that changes nothing backs off
+    decisions = [gate.num_to_draft(5) for _ in range(3 + 1 + 6 + 1 + 12 + 1 + 12 + 1)]
+    assert [i for i, n in enumerate(decisions) if n] == [3, 10, 23, 36]
+    assert set(decisions) == {0, 1}  # a probe drafts one request
     for _ in range(40):  # the probes see good blocks drafted quickly
         gate.observe(np.full((1, 4), 0.9), draft_ms=1.0)
     assert all(gate.should_draft(1) for _ in range(5))
+    assert gate.probe_wait == 3  # an open gate resets the back-off
 
 
 def test_gate_counts_other_work_in_the_step():
@@ -89,56 +92,54 @@ def test_prior_is_the_plain_mean_of_the_first_blocks():
     assert gate.prior == pytest.approx(np.full(4, 0.5), abs=1e-2)
 
 
-def test_step_overhead_is_learned_and_added_to_every_lookup():
-    from dspark_vllm.scheduler.step_overhead import StepOverheadEstimator
+def test_step_cost_scale_is_learned_and_multiplies_every_lookup():
+    from dspark_vllm.scheduler.step_cost import StepCostEstimator
 
     cost = flat_then_linear()
-    est = StepOverheadEstimator(cost, window=8, min_samples=4)
+    est = StepCostEstimator(cost, window=8, min_samples=4)
     for n in (1, 2, 3):
-        est.observe(n, 50.0)  # served steps take 10 ms more than the 40 ms forward
-    assert cost.overhead_ms == 0.0  # too few samples yet
-    est.observe(9, 55.0)
-    assert cost.overhead_ms == pytest.approx(10.0)
-    assert cost.step_time_ms(1) == pytest.approx(50.0) and cost.step_time_ms(12) == pytest.approx(70.0)
+        est.observe(n, 100.0)  # served steps take 2.5x the 40 ms forward
+    assert cost.scale == 1.0  # too few samples yet
+    est.observe(12, 150.0)  # 2.5 x (40 + 5 * 4)
+    assert cost.scale == pytest.approx(2.5)
+    assert cost.step_time_ms(1) == pytest.approx(100.0) and cost.step_time_ms(12) == pytest.approx(150.0)
+    assert cost.forward_ms(12) == pytest.approx(60.0)  # the profile itself is untouched
     est.observe(5, 5000.0)  # an idle gap between requests: the median ignores it
     est.observe(10_000, 9000.0)  # beyond the profile (a long prefill): not a sample
-    assert cost.overhead_ms == pytest.approx(10.0)
-    est.observe(1, 40.0)
+    assert cost.scale == pytest.approx(2.5)
     for _ in range(8):  # the machine got faster: the window forgets
-        est.observe(1, 42.0)
-    assert cost.overhead_ms == pytest.approx(2.0)
+        est.observe(1, 48.0)
+    assert cost.scale == pytest.approx(1.2)
 
 
-def test_step_overhead_makes_a_closed_gate_open():
-    """A skipped step costs t + overhead too, so the same drafts can pay once it is known."""
+def test_step_cost_scale_keeps_the_curve_shape():
+    """Unlike an additive overhead, a scale keeps what an extra token costs relative to a step:
+    at 16 requests the same slow steps must not make verifying more tokens look cheap."""
+    from dspark_vllm.scheduler.step_cost import StepCostEstimator
+
+    cost = flat_then_linear()
+    est = StepCostEstimator(cost, min_samples=2)
+    for _ in range(4):
+        est.observe(16, 3.0 * (40.0 + 5.0 * 8))
+    assert cost.step_time_ms(32) / cost.step_time_ms(16) == pytest.approx(cost.forward_ms(32) / cost.forward_ms(16))
+
+
+def test_a_slower_served_step_makes_a_closed_gate_open():
+    """The drafter's time is measured, the target's is profiled: once served steps are known to
+    be 2x the profile, the same drafts can pay."""
     gate = DraftGate(flat_then_linear(), block_size=4)
     gate.observe(np.full((1, 4), 0.2), draft_ms=12.0)  # ~1.25 tokens for 52 ms vs 1 for 40 ms
     assert gate.gain(1) < 1.0
-    gate.cost.overhead_ms = 20.0
+    gate.cost.scale = 2.0
     assert gate.gain(1) > 1.0
 
 
 def test_scheduler_shares_one_cost_object_between_policy_gate_and_estimator():
     sched = VerifyLengthScheduler.from_settings(settings_from_dict({"scheduler": {"policy": "causal_greedy"}}), 4)
-    assert sched.gate.cost is sched.policy.cost is sched.overhead.cost
+    assert sched.gate.cost is sched.policy.cost is sched.step_cost.cost
     off = VerifyLengthScheduler.from_settings(
-        settings_from_dict({"scheduler": {"policy": "causal_greedy", "learn_step_overhead": False}}), 4)
-    assert off.overhead is None
+        settings_from_dict({"scheduler": {"policy": "causal_greedy", "learn_step_cost": False}}), 4)
+    assert off.step_cost is None
     off.observe_step(4, 100.0)  # a no-op without the estimator
-    assert off.policy.cost.overhead_ms == 0.0
+    assert off.policy.cost.scale == 1.0
 
-
-def test_step_overhead_ignores_big_batches():
-    """At high concurrency the step wall time absorbs per-token work elsewhere on the CPU."""
-    from dspark_vllm.scheduler.step_overhead import StepOverheadEstimator
-
-    cost = flat_then_linear()
-    est = StepOverheadEstimator(cost, min_samples=2, max_requests=2)
-    for _ in range(4):
-        est.observe(16, 40.0 + 5.0 * 8 + 60.0, num_requests=16)
-    assert cost.overhead_ms == 0.0 and est.learned_ms == 0.0
-    for _ in range(2):
-        est.observe(2, 52.0, num_requests=2)
-    assert cost.overhead_ms == pytest.approx(12.0)
-    est.observe(16, 200.0, num_requests=16)  # a big batch again: the curve as profiled
-    assert cost.overhead_ms == 0.0 and est.learned_ms == pytest.approx(12.0)

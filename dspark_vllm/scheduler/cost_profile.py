@@ -39,9 +39,9 @@ class CostProfile:
     draft_ms: list[float] = field(default_factory=list)
     device: str = ""
     max_tokens: int = 0
-    # Per-step serving cost the profile does not see (scheduler, sampler, IPC, output
-    # processing): learned online by StepOverheadEstimator, added to every step_time_ms. Not saved.
-    overhead_ms: float = 0.0
+    # Served step time / profiled forward time (engine overheads, a slower machine than on the
+    # profiling day): learned online by StepCostEstimator, multiplies every step_time_ms. Not saved.
+    scale: float = 1.0
     _table: np.ndarray = field(init=False, repr=False)
     _smooth_table: np.ndarray = field(init=False, repr=False)
     _draft_table: np.ndarray = field(init=False, repr=False)
@@ -86,12 +86,17 @@ class CostProfile:
         return ys[-1] + slope * (n - xs[-1])
 
     # ---- lookups -------------------------------------------------------------------------
-    def step_time_ms(self, num_tokens: int | np.ndarray, smooth: bool = False) -> np.ndarray | float:
-        """Verification step time for ``num_tokens`` (array or int), O(1) per lookup."""
+    def forward_ms(self, num_tokens: int | np.ndarray, smooth: bool = True) -> np.ndarray | float:
+        """The profiled forward time for ``num_tokens`` (array or int), O(1) per lookup."""
         n = np.asarray(num_tokens)
         table = self._smooth_table if smooth else self._table
         out = np.where(n <= self.max_tokens, table[np.clip(n, 0, self.max_tokens)],
-                       self._extrapolate(self.tokens, np.maximum.accumulate(self.step_ms), n)) + self.overhead_ms
+                       self._extrapolate(self.tokens, np.maximum.accumulate(self.step_ms), n))
+        return float(out) if out.ndim == 0 else out
+
+    def step_time_ms(self, num_tokens: int | np.ndarray, smooth: bool = False) -> np.ndarray | float:
+        """Served verification step time for ``num_tokens``: the profile times ``scale``."""
+        out = self.scale * np.asarray(self.forward_ms(num_tokens, smooth))
         return float(out) if out.ndim == 0 else out
 
     def draft_time_ms(self, num_requests: int) -> float:

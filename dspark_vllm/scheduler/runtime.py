@@ -17,7 +17,7 @@ from ..settings import DSparkSettings
 from .calibration import STSCalibrator
 from .cost_profile import CostProfile
 from .draft_gate import DraftGate
-from .step_overhead import StepOverheadEstimator
+from .step_cost import StepCostEstimator
 from .policies import (
     AsyncTopKPolicy,
     CausalGreedyPolicy,
@@ -65,29 +65,29 @@ class VerifyLengthScheduler:
     """Calibrated confidences + policy -> verify lengths; callable on a DraftBlock."""
 
     def __init__(self, policy: Any, calibrator: STSCalibrator, stale_steps: int = 2,
-                 gate: DraftGate | None = None, overhead: StepOverheadEstimator | None = None) -> None:
+                 gate: DraftGate | None = None, step_cost: StepCostEstimator | None = None) -> None:
         self.policy = policy
         self.calibrator = calibrator
         self.stale = StaleConfidences(len(calibrator.temperatures), lag=stale_steps)
         self.load = StepLoad()
         self.gate = gate
-        self.overhead = overhead
+        self.step_cost = step_cost
 
     @classmethod
     def from_settings(cls, settings: DSparkSettings, block_size: int,
                       checkpoint_dir: str | Path | None = None, cost: CostProfile | None = None) -> "VerifyLengthScheduler":
         cost = cost or load_cost_profile(settings)
         if cost is None and settings.scheduler.policy in ("causal_greedy", "async_topk"):
-            cost = CostProfile.synthetic()  # one object shared by policy, gate and overhead estimator
+            cost = CostProfile.synthetic()  # one object shared by policy, gate and step-cost estimator
         policy = build_policy(settings, cost)
-        gate = overhead = None
+        gate = step_cost = None
         if isinstance(policy, (CausalGreedyPolicy, AsyncTopKPolicy)):
-            if settings.scheduler.learn_step_overhead:
-                overhead = StepOverheadEstimator(cost)
+            if settings.scheduler.learn_step_cost:
+                step_cost = StepCostEstimator(cost)
             if settings.scheduler.draft_gate:
                 gate = DraftGate(cost, block_size, smooth=settings.scheduler.smooth_cost)
         return cls(policy, load_calibrator(settings, checkpoint_dir, block_size), settings.scheduler.stale_steps,
-                   gate, overhead)
+                   gate, step_cost)
 
     def should_draft(self, num_requests: int, load: StepLoad | None = None) -> bool:
         """Pre-draft gate (see :mod:`.draft_gate`): False = decode this step without drafts."""
@@ -102,10 +102,10 @@ class VerifyLengthScheduler:
         if self.gate is not None and confidence is not None:
             self.gate.observe(confidence, draft_ms)
 
-    def observe_step(self, num_tokens: int, step_ms: float, num_requests: int = 1) -> None:
-        """Feed an engine step's wall time (drafting excluded) to the overhead estimator."""
-        if self.overhead is not None:
-            self.overhead.observe(num_tokens, step_ms, num_requests)
+    def observe_step(self, num_tokens: int, step_ms: float) -> None:
+        """Feed an engine step's wall time (drafting excluded) to the step-cost estimator."""
+        if self.step_cost is not None:
+            self.step_cost.observe(num_tokens, step_ms)
 
     def check_drafter(self, has_confidence_head: bool) -> None:
         """One rule for every engine: only the fixed policy runs without a confidence head."""

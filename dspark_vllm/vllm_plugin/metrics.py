@@ -15,7 +15,8 @@ Exported series (position k = 0-based draft index):
   tokens drafted; ``dspark:admitted_draft_tokens_total`` tokens the verify-length policy kept
   (what vLLM verifies); ``dspark:admitted_draft_tokens_per_step`` their ratio;
   ``dspark:gated_steps_total`` steps the draft gate skipped (load too high for drafting to pay);
-  ``dspark:step_overhead_ms`` the learned per-step serving overhead added to the cost curve.
+  ``dspark:served_cost_scale`` the learned ratio of served step time to the profiled forward
+  (multiplies the cost curve; see ``scheduler/step_cost.py``).
 * ``dspark:position_reached_total{position}`` drafts at k verified after an accepted prefix,
   ``dspark:position_accepted_total{position}`` those accepted, and
   ``dspark:conditional_acceptance{position}`` = accepted / reached (paper Fig. 2).
@@ -43,7 +44,7 @@ class DSparkStats:
         self.block_size = block_size
         self.steps = 0
         self.gated = 0
-        self.overhead_ms = 0.0
+        self.cost_scale = 1.0
         self.drafted = 0
         self.admitted = 0
         self.reached = [0] * block_size
@@ -75,7 +76,7 @@ class DSparkStats:
 
     def snapshot(self) -> dict:
         return {"block_size": self.block_size, "steps": self.steps, "gated": self.gated, "drafted": self.drafted,
-                "overhead_ms": self.overhead_ms,
+                "cost_scale": self.cost_scale,
                 "admitted": self.admitted, "reached": self.reached, "accepted": self.accepted,
                 "confidence_sum": self.confidence_sum}
 
@@ -107,7 +108,7 @@ def merge_snapshots(folder: Path) -> dict | None:
             continue
         for key in ("steps", "gated", "drafted", "admitted"):
             total[key] = total.get(key, 0) + snap.get(key, 0)
-        total["overhead_ms"] = max(total.get("overhead_ms", 0.0), snap.get("overhead_ms", 0.0))
+        total["cost_scale"] = max(total.get("cost_scale", 1.0), snap.get("cost_scale", 1.0))
         for key in ("reached", "accepted", "confidence_sum"):
             total[key] = [a + b for a, b in zip(total[key], snap[key])]
     return total
@@ -136,10 +137,10 @@ class DSparkCollector:
         per_step = GaugeMetricFamily(PREFIX + "admitted_draft_tokens_per_step", "admitted draft tokens per drafting step")
         per_step.add_metric([], snap["admitted"] / snap["steps"] if snap["steps"] else 0.0)
         yield per_step
-        overhead = GaugeMetricFamily(PREFIX + "step_overhead_ms", "learned per-step serving overhead (ms, small batches) "
-                                     "added to the profiled cost curve")
-        overhead.add_metric([], float(snap.get("overhead_ms", 0.0)))
-        yield overhead
+        scale = GaugeMetricFamily(PREFIX + "served_cost_scale", "learned served engine step time / profiled "
+                                  "forward time (multiplies the cost curve)")
+        scale.add_metric([], float(snap.get("cost_scale", 1.0)))
+        yield scale
         reached = CounterMetricFamily(PREFIX + "position_reached", "drafts at position k verified after an accepted prefix",
                                       labels=["position"])
         accepted = CounterMetricFamily(PREFIX + "position_accepted", "drafts at position k accepted", labels=["position"])

@@ -184,13 +184,12 @@ class DSparkV1Proposer:
         """Draft for every request in the batch (called by the plugin after each target step).
 
         The time since the previous call is one engine step without our drafting; it goes to the
-        scheduler's step-overhead estimator together with the tokens that step processed."""
+        scheduler's step-cost estimator together with the tokens that step processed."""
         if self._step_end is not None:
             self.scheduler.observe_step(int(scheduler_output.total_num_scheduled_tokens),
-                                        (time.perf_counter() - self._step_end) * 1000.0,
-                                        len(scheduler_output.num_scheduled_tokens))
-            if self.scheduler.overhead is not None:
-                self.stats.overhead_ms = self.scheduler.overhead.learned_ms
+                                        (time.perf_counter() - self._step_end) * 1000.0)
+            if self.scheduler.step_cost is not None:
+                self.stats.cost_scale = self.scheduler.step_cost.learned_scale
         try:
             return self._propose_step(runner, scheduler_output, sampled_token_ids, aux_hidden_states)
         finally:
