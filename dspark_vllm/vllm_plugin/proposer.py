@@ -188,8 +188,8 @@ class DSparkV1Proposer:
         if self._step_end is not None:
             self.scheduler.observe_step(int(scheduler_output.total_num_scheduled_tokens),
                                         (time.perf_counter() - self._step_end) * 1000.0)
-            if self.scheduler.step_cost is not None:
-                self.stats.cost_scale = self.scheduler.step_cost.learned_scale
+            if self.scheduler.step_cost is not None:  # observe_step just wrote it; no second median
+                self.stats.cost_scale = self.scheduler.step_cost.cost.scale
         try:
             return self._propose_step(runner, scheduler_output, sampled_token_ids, aux_hidden_states)
         finally:
