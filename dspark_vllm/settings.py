@@ -38,6 +38,8 @@ class SchedulerSettings(_Strict):
                               "between profiled sizes (false: the paper's raw step curve)")
     draft_gate: bool = Field(True, description="causal_greedy/async_topk: skip drafting for a step when the "
                              "cost curve, measured draft time and past confidences say no length could pay")
+    gate_min_gain: float = Field(1.05, ge=1.0, description="draft gate: draft only when the predicted throughput "
+                                 "gain over plain decoding exceeds this (a margin for prediction error)")
     learn_step_cost: bool = Field(True, description="causal_greedy/async_topk: scale the cost curve by the measured "
                                   "ratio of served engine step time to profiled forward time")
 

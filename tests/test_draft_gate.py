@@ -143,3 +143,17 @@ def test_scheduler_shares_one_cost_object_between_policy_gate_and_estimator():
     off.observe_step(4, 100.0)  # a no-op without the estimator
     assert off.policy.cost.scale == 1.0
 
+
+
+def test_gate_needs_the_margin_to_open():
+    gate = DraftGate(flat_then_linear(), block_size=4)
+    gate.observe(np.full((1, 4), 0.7), draft_ms=5.0)
+    g = gate.gain(4)
+    assert 1.0 < g < 1.2
+    below, above = (DraftGate(flat_then_linear(), block_size=4, min_gain=m) for m in (g - 0.01, g + 0.01))
+    for gate_ in (below, above):
+        gate_.observe(np.full((1, 4), 0.7), draft_ms=5.0)
+    assert below.num_to_draft(4) == 4
+    assert above.num_to_draft(4) == 0  # predicted gain g is inside the margin: plain decoding
+    chosen = settings_from_dict({"scheduler": {"policy": "causal_greedy", "gate_min_gain": 1.2}})
+    assert VerifyLengthScheduler.from_settings(chosen, 4).gate.min_gain == 1.2

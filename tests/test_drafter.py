@@ -173,3 +173,22 @@ def test_pending_context_flushes_equal_immediate_adds(tiny_qwen3):
     pending.push(1, torch.randn(2, 2 * 64))
     pending.drop(1)
     assert pending.flush() == 0 and lazy.lengths.tolist() == eager.lengths.tolist()
+
+
+def test_pending_context_byte_budget_flushes_largest_backlogs_first(tiny_qwen3):
+    from dspark_vllm.pending_context import PendingContext
+
+    d = _drafter(tiny_qwen3)
+    cache = d.new_cache(4, capacity=4)
+    token_bytes = 2 * 64 * 4  # one float32 token of features
+    pending = PendingContext(d, cache, max_tokens=1000, max_bytes=20 * token_bytes)
+    for row, n in enumerate([2, 9, 5, 7]):  # 23 tokens: over the 20-token budget
+        pending.push(row, torch.randn(n, 2 * 64))
+    assert pending.total_bytes == 23 * token_bytes
+    assert pending.full_rows() == [1]  # 14 left <= 15 (3/4 of the budget)
+    pending.max_bytes = 12 * token_bytes
+    assert pending.full_rows() == [1, 3]  # 7 left <= 9
+    assert pending.flush_full() == 16
+    assert pending.total_bytes == 7 * token_bytes and cache.lengths.tolist() == [0, 9, 0, 7]
+    pending.drop(0)
+    assert pending.total_bytes == 5 * token_bytes and pending.full_rows() == []

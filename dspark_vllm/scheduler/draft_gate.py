@@ -12,7 +12,10 @@ cannot bias verification: skipping only means plain decoding for that step):
 With every request assumed to have the prior survivals a_j = prod_{i<=j} c_i, the best
 admissible throughput is max_k (R + top-k survivals) / (t(base + R + k) + d(R)) (the same
 greedy path the causal policy walks, searched globally). The step drafts iff that beats plain
-decoding, R / t(base + R). A closed gate learns nothing new (no confidences, no draft times), so
+decoding, R / t(base + R) by more than the margin ``min_gain`` (default 5%): the prediction
+rests on means (prior survivals, a fitted draft time, a median cost scale), and a step opened on
+a predicted gain of 1.01 pays every request's full draft when the truth is 0.95; a margin keeps
+the gate shut across that noise band, where drafting could win little anyway. A closed gate learns nothing new (no confidences, no draft times), so
 after ``probe_every`` consecutive skipped steps it lets one request draft anyway (a probe costing
 one request's draft): an unlucky first block or a draft time measured while the machine was busy
 cannot keep drafting off for good. Each probe that leaves the gate closed doubles the wait for
@@ -57,8 +60,9 @@ class DraftGate:
     """Pre-draft decision: draft this step or decode plainly (see module docstring)."""
 
     def __init__(self, cost: CostProfile, block_size: int, smooth: bool = True, momentum: float = 0.9,
-                 probe_every: int = 16, max_probe_every: int = 256) -> None:
+                 probe_every: int = 16, max_probe_every: int = 256, min_gain: float = 1.05) -> None:
         self.cost = cost
+        self.min_gain = min_gain
         self.block_size = block_size
         self.smooth = smooth
         self.momentum = momentum
@@ -101,9 +105,9 @@ class DraftGate:
 
     def num_to_draft(self, num_requests: int, load: StepLoad | None = None) -> int:
         """How many of the ``num_requests`` should draft this step: all when drafting is predicted
-        to pay, one (a probe, after ``probe_wait`` skipped steps) to refresh the estimates at
-        the price of a single request's draft, else none."""
-        if self.gain(num_requests, load) > 1.0:
+        to pay by more than ``min_gain``, one (a probe, after ``probe_wait`` skipped steps) to
+        refresh the estimates at the price of a single request's draft, else none."""
+        if self.gain(num_requests, load) > self.min_gain:
             self.skipped_in_a_row = 0
             self.probe_wait = self.probe_every
             return num_requests

@@ -85,7 +85,8 @@ class VerifyLengthScheduler:
             if settings.scheduler.learn_step_cost:
                 step_cost = StepCostEstimator(cost)
             if settings.scheduler.draft_gate:
-                gate = DraftGate(cost, block_size, smooth=settings.scheduler.smooth_cost)
+                gate = DraftGate(cost, block_size, smooth=settings.scheduler.smooth_cost,
+                                 min_gain=settings.scheduler.gate_min_gain)
         return cls(policy, load_calibrator(settings, checkpoint_dir, block_size), settings.scheduler.stale_steps,
                    gate, step_cost)
 
