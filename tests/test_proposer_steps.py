@@ -1,0 +1,84 @@
+"""The vLLM proposer's per-step logic on a stub runner (no engine): gated steps queue context and
+draft nothing, the first draft times the drafter at several batch sizes for the gate."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from dspark_vllm.drafters import SMOLLM2_DRAFTER
+from dspark_vllm.settings import CONFIGS_DIR
+from dspark_vllm.vllm_plugin.patches import ENV_CHECKPOINT, ENV_CONFIG
+from dspark_vllm.vllm_plugin.proposer import DRAFT_TIMING_SIZES, DSparkV1Proposer
+
+NUM_REQS = 4
+
+
+class StubRunner:
+    """What ``propose_step`` reads from vLLM's GPUModelRunner, for NUM_REQS decoding requests."""
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+        self.input_batch = types.SimpleNamespace(req_ids=[f"r{i}" for i in range(NUM_REQS)],
+                                                 temperature_cpu=np.zeros(NUM_REQS))
+        self.positions = torch.zeros(0, dtype=torch.long)
+
+    def _get_positions(self, n: int) -> torch.Tensor:
+        return self.positions[:n]
+
+
+@pytest.fixture
+def proposer(monkeypatch):
+    monkeypatch.setenv(ENV_CHECKPOINT, str(SMOLLM2_DRAFTER))
+    monkeypatch.setenv(ENV_CONFIG, str(CONFIGS_DIR / "llama-smollm2.yaml"))
+    config = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=torch.float32),
+                                   scheduler_config=types.SimpleNamespace(max_num_seqs=8, max_num_batched_tokens=256))
+    p = DSparkV1Proposer(config)
+    cfg = p.drafter.config
+    if not p.drafter.embeddings_bound:
+        table = torch.randn(cfg.vocab_size, cfg.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
+        p.drafter.bind_target_embeddings(table, table)
+    runner = StubRunner()
+    p.attach(runner)
+    return p, runner
+
+
+def run_step(p: DSparkV1Proposer, runner: StubRunner, start: list[int], counts: list[int]):
+    """One engine step: request i had ``counts[i]`` tokens scheduled from position ``start[i]``."""
+    runner.positions = torch.cat([torch.arange(s, s + n) for s, n in zip(start, counts)])
+    total = sum(counts)
+    width = p.drafter.config.hidden_size
+    out = types.SimpleNamespace(finished_req_ids=set(), total_num_scheduled_tokens=total,
+                                num_scheduled_tokens={f"r{i}": n for i, n in enumerate(counts)},
+                                scheduled_spec_decode_tokens={})
+    aux = [torch.randn(total, width) for _ in p.drafter.config.target_layer_ids]
+    sampled = torch.randint(10, 1000, (NUM_REQS, 1))
+    return p.propose_step(runner, out, sampled, aux)
+
+
+def test_closed_gate_queues_context_and_drafts_nothing(proposer):
+    p, runner = proposer
+    gate = p.scheduler.gate
+    gate.prior = np.full(p.block_size, 0.01)  # hopeless drafts: no length can pay
+    gate.timer.observe(NUM_REQS, 1000.0)
+    drafts = run_step(p, runner, [0] * NUM_REQS, [5, 6, 7, 8])
+    assert drafts == [[]] * NUM_REQS and p.stats.gated == 1 and p.stats.steps == 0
+    rows = [p.requests[f"r{i}"].row for i in range(NUM_REQS)]
+    assert [p.context.pending_tokens(r) for r in rows] == [5, 6, 7, 8]
+    assert p.cache.lengths[rows].tolist() == [0] * NUM_REQS  # nothing projected while gated
+    drafts = run_step(p, runner, [5, 6, 7, 8], [1] * NUM_REQS)
+    assert drafts == [[]] * NUM_REQS and [p.context.pending_tokens(r) for r in rows] == [6, 7, 8, 9]
+
+
+def test_first_draft_times_the_drafter_at_several_batch_sizes(proposer):
+    p, runner = proposer
+    timer = p.scheduler.gate.timer
+    drafts = run_step(p, runner, [0] * NUM_REQS, [5, 6, 7, 8])  # no prior yet: the gate opens
+    assert p.stats.steps == 1 and any(drafts)
+    rows = [p.requests[f"r{i}"].row for i in range(NUM_REQS)]
+    assert p.cache.lengths[rows].tolist() == [5, 6, 7, 8]  # drafting flushed the queued context
+    sizes = [r for r in DRAFT_TIMING_SIZES if r <= 8]
+    assert timer._s[0] == pytest.approx(sum(timer.decay ** k for k in range(len(sizes) + 1)))
+    # the fit now spans 1..8 requests, so d(8) comes from a measurement, not an extrapolation
+    assert 0.0 < timer.predict(1) < timer.predict(8)
