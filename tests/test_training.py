@@ -143,6 +143,7 @@ def test_feature_shard_moves_between_devices(setup):
     assert shard.to("cpu") is shard
     moved = shard.to("meta")
     assert moved.features.device.type == "meta" and moved.features.shape == shard.features.shape
+    assert moved.offsets.device.type == "cpu"  # read as ints by every batch: no device sync
 
 
 def test_loss_terms_follow_the_spec():

@@ -157,10 +157,11 @@ class FeatureShard:
         return cls(**torch.load(path, weights_only=True))
 
     def to(self, device: torch.device | str) -> "FeatureShard":
-        """The same shard on ``device`` (itself when already there)."""
+        """The same shard on ``device`` (itself when already there). ``offsets`` stays on the CPU:
+        batching reads it as Python ints every step, which on a GPU would be a device sync."""
         if self.tokens.device == torch.device(device):
             return self
-        return FeatureShard(**{k: v.to(device) for k, v in self.__dict__.items()})
+        return FeatureShard(**{k: v if k == "offsets" else v.to(device) for k, v in self.__dict__.items()})
 
     @property
     def num_samples(self) -> int:
