@@ -15,7 +15,9 @@ greedy path the causal policy walks, searched globally). The step drafts iff tha
 decoding, R / t(base + R) by more than the margin ``min_gain`` (default 5%): the prediction
 rests on means (prior survivals, a fitted draft time, a median cost scale), and a step opened on
 a predicted gain of 1.01 pays every request's full draft when the truth is 0.95; a margin keeps
-the gate shut across that noise band, where drafting could win little anyway. A closed gate learns nothing new (no confidences, no draft times), so
+the gate shut across that noise band, where drafting could win little anyway.
+
+A closed gate learns nothing new (no confidences, no draft times), so
 after ``probe_every`` consecutive skipped steps it lets one request draft anyway (a probe costing
 one request's draft): an unlucky first block or a draft time measured while the machine was busy
 cannot keep drafting off for good. Each probe that leaves the gate closed doubles the wait for
