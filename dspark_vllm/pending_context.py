@@ -37,8 +37,8 @@ class PendingContext:
         self.max_bytes = max_bytes
         self._parts: dict[int, list[torch.Tensor]] = {}
         self._tokens: dict[int, int] = {}
-        self._bytes: dict[int, int] = {}
-        self.total_bytes = 0
+        self.total_tokens = 0
+        self.token_bytes = 0  # one queued token's features (every push has the same width and dtype)
 
     def push(self, row: int, features: torch.Tensor) -> None:
         """Queue features [n, m*H] for ``row`` (copied, so a queued slice does not keep the whole
@@ -47,9 +47,12 @@ class PendingContext:
             return
         self._parts.setdefault(row, []).append(features.clone())
         self._tokens[row] = self._tokens.get(row, 0) + features.shape[0]
-        size = features.numel() * features.element_size()
-        self._bytes[row] = self._bytes.get(row, 0) + size
-        self.total_bytes += size
+        self.total_tokens += features.shape[0]
+        self.token_bytes = features[0].numel() * features.element_size()
+
+    @property
+    def total_bytes(self) -> int:
+        return self.total_tokens * self.token_bytes
 
     def pending_tokens(self, row: int) -> int:
         return self._tokens.get(row, 0)
@@ -57,8 +60,7 @@ class PendingContext:
     def drop(self, row: int) -> None:
         """Forget a row's queue (its request left, or its cache row was reset)."""
         self._parts.pop(row, None)
-        self._tokens.pop(row, None)
-        self.total_bytes -= self._bytes.pop(row, 0)
+        self.total_tokens -= self._tokens.pop(row, 0)
 
     def flush(self, rows: Iterable[int] | None = None) -> int:
         """Project the queued features of ``rows`` (default: every row) into the cache in one
@@ -77,13 +79,13 @@ class PendingContext:
         """Rows whose backlog reached ``max_tokens``, plus, while all backlogs together exceed
         ``max_bytes``, the largest ones until the rest fit in 3/4 of it."""
         full = [r for r, n in self._tokens.items() if n >= self.max_tokens]
-        left = self.total_bytes - sum(self._bytes[r] for r in full)
+        left = (self.total_tokens - sum(self._tokens[r] for r in full)) * self.token_bytes
         if left > self.max_bytes:
-            for r in sorted(set(self._bytes) - set(full), key=self._bytes.__getitem__, reverse=True):
+            for r in sorted(set(self._tokens) - set(full), key=self._tokens.__getitem__, reverse=True):
                 if left <= self.max_bytes * 3 // 4:
                     break
                 full.append(r)
-                left -= self._bytes[r]
+                left -= self._tokens[r] * self.token_bytes
         return full
 
     def flush_full(self) -> int:
