@@ -40,6 +40,8 @@ class SchedulerSettings(_Strict):
                              "cost curve, measured draft time and past confidences say no length could pay")
     gate_min_gain: float = Field(1.05, ge=1.0, description="draft gate: draft only when the predicted throughput "
                                  "gain over plain decoding exceeds this (a margin for prediction error)")
+    adaptive_depth: bool = Field(True, description="draft gate: draft only the first D block positions when the "
+                                 "cost curve says deeper drafts cannot pay (false: always the full block)")
     learn_step_cost: bool = Field(True, description="causal_greedy/async_topk: scale the cost curve by the measured "
                                   "ratio of served engine step time to profiled forward time")
 

@@ -121,6 +121,35 @@ def test_draft_vocabulary_keeps_greedy_drafts_it_contains(tiny_qwen3, head_type,
     assert bool((picked > 0).all())
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_shallow_draft_is_the_block_of_that_size(tiny_qwen3, fused):
+    """depth=D drafts exactly what the same weights give for a D-position block: the first D
+    positions, attending to D-1 MASK positions (the gate drafts shallow under load)."""
+    import copy
+
+    d = _drafter(tiny_qwen3)
+    cache = d.new_cache(3)
+    d.add_context(cache, _features(3, 6, 2 * 64), torch.tensor([6, 4, 5]))
+    anchor, temps = torch.tensor([3, 17, 90]), torch.tensor([0.0, 1.0, 0.7])
+    for depth in (1, 2, d.block_size - 1):
+        short = copy.deepcopy(d)
+        short.config.raw["block_size"] = depth
+        assert d.block_size == 4 and short.block_size == depth
+        want = short.propose(anchor, cache, temps, torch.Generator().manual_seed(0), fused=fused,
+                             seeds=torch.arange(3))
+        got = d.propose(anchor, cache, temps, torch.Generator().manual_seed(0), fused=fused, seeds=torch.arange(3),
+                        depth=depth)
+        assert got.tokens.shape == (3, depth) and torch.equal(got.tokens, want.tokens)
+        torch.testing.assert_close(got.probs, want.probs)
+        torch.testing.assert_close(got.confidence_logits, want.confidence_logits)
+    full = d.propose(anchor, cache, torch.zeros(3), fused=fused, seeds=torch.arange(3))
+    assert torch.equal(d.propose(anchor, cache, torch.zeros(3), fused=fused, seeds=torch.arange(3),
+                                 depth=d.block_size).tokens, full.tokens)
+    for bad in (0, d.block_size + 1):
+        with pytest.raises(ValueError, match="draft depth"):
+            d.propose(anchor, cache, torch.zeros(3), depth=bad)
+
+
 def test_draft_vocabulary_rejects_bad_ids(tiny_qwen3):
     d = _drafter(tiny_qwen3)
     with pytest.raises(ValueError, match="in \\[0, 128\\)"):

@@ -10,7 +10,7 @@ import torch
 from dspark_vllm.drafters import SMOLLM2_DRAFTER
 from dspark_vllm.settings import CONFIGS_DIR
 from dspark_vllm.vllm_plugin.patches import ENV_CHECKPOINT, ENV_CONFIG
-from dspark_vllm.vllm_plugin.proposer import DRAFT_TIMING_SIZES, DSparkV1Proposer
+from dspark_vllm.vllm_plugin.proposer import DRAFT_TIMING_SIZES, SHALLOW_TIMING_DEPTHS, DSparkV1Proposer
 
 NUM_REQS = 4
 
@@ -79,6 +79,30 @@ def test_first_draft_times_the_drafter_at_several_batch_sizes(proposer):
     rows = [p.requests[f"r{i}"].row for i in range(NUM_REQS)]
     assert p.cache.lengths[rows].tolist() == [5, 6, 7, 8]  # drafting flushed the queued context
     sizes = [r for r in DRAFT_TIMING_SIZES if r <= 8]
-    assert timer._s[0] == pytest.approx(sum(timer.decay ** k for k in range(len(sizes) + 1)))
-    # the fit now spans 1..8 requests, so d(8) comes from a measurement, not an extrapolation
-    assert 0.0 < timer.predict(1) < timer.predict(8)
+    timed = len(sizes) + len(SHALLOW_TIMING_DEPTHS) + 1  # full blocks, shallow ones at 8, the step's own
+    assert timer._s[0] == pytest.approx(sum(timer.decay ** k for k in range(timed)))
+    # the fit spans 1 position (8 requests x depth 1 ... ) to 8 full blocks, so d(8 x B) comes from
+    # a measurement, not an extrapolation
+    assert timer._s[1] / timer._s[0] < 8 * p.block_size
+    assert 0.0 < timer.predict(8) < timer.predict(8 * p.block_size)
+
+
+def test_shallow_plan_drafts_only_that_many_positions(proposer, monkeypatch):
+    from dspark_vllm.scheduler.draft_gate import DraftPlan
+
+    p, runner = proposer
+    run_step(p, runner, [0] * NUM_REQS, [5, 6, 7, 8])  # first draft: full block, timing
+    depths = []
+    real = p.drafter.propose
+
+    def spy(*args, **kwargs):
+        depths.append(kwargs.get("depth"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(p.scheduler, "plan_draft", lambda n, load=None: DraftPlan(n, 2))
+    monkeypatch.setattr(p.drafter, "propose", spy)
+    drafted_before = p.stats.drafted
+    drafts = run_step(p, runner, [5 + len(d) for d in [[]] * NUM_REQS], [1] * NUM_REQS)
+    assert depths == [2]
+    assert all(len(d) <= 2 for d in drafts)
+    assert p.stats.drafted - drafted_before == 2 * NUM_REQS

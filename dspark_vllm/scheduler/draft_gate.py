@@ -7,12 +7,16 @@ cannot bias verification: skipping only means plain decoding for that step):
 
 * ``prior`` c_k: running mean of the calibrated per-position confidences of earlier blocks;
 * the profiled verify cost t(tokens) (times the learned served/profiled ratio, see
-  ``step_cost.py``) and the measured draft time d(R) for R drafting requests.
+  ``step_cost.py``) and the measured draft time d(n) for n drafted block positions (R requests
+  drafting D positions each: n = R * D).
 
-With every request assumed to have the prior survivals a_j = prod_{i<=j} c_i, the best
-admissible throughput is max_k (R + top-k survivals) / (t(base + R + k) + d(R)) (the same
-greedy path the causal policy walks, searched globally). The step drafts iff that beats plain
-decoding, R / t(base + R) by more than the margin ``min_gain`` (default 5%): the prediction
+With every request assumed to have the prior survivals a_j = prod_{i<=j} c_i, drafting D
+positions admits at best max_{k <= R*D} (R + top-k survivals) / (t(base + R + k) + d(R * D))
+(the same greedy path the causal policy walks, searched globally). The gate also picks the
+depth D: under load the best k is about one token per request, and a full block of B
+positions costs B times a block of one (SmolLM2 drafter on this CPU, 16 requests: ~70 ms for
+B = 7, a third of a 16-request engine step). The step drafts at the best D iff that beats
+plain decoding, R / t(base + R), by more than the margin ``min_gain`` (default 5%): the prediction
 rests on means (prior survivals, a fitted draft time, a median cost scale), and a step opened on
 a predicted gain of 1.01 pays every request's full draft when the truth is 0.95; a margin keeps
 the gate shut across that noise band, where drafting could win little anyway.
@@ -30,41 +34,55 @@ from __future__ import annotations
 
 import numpy as np
 
+from dataclasses import dataclass
+
 from .cost_profile import CostProfile
 from .policies import StepLoad, _room, survival
 
 
+@dataclass(frozen=True)
+class DraftPlan:
+    """What a step drafts: ``requests`` of the batch (0 = plain decoding, 1 = a probe when fewer
+    than all) each drafting the first ``depth`` positions of its block (None: the whole block)."""
+
+    requests: int
+    depth: int | None
+
+
 class DraftTimer:
-    """Online least-squares fit d(R) = a + b R of the drafter's wall time (ms) per step, with
-    exponential forgetting so it follows the machine's current speed."""
+    """Online least-squares fit d(n) = a + b n of the drafter's wall time (ms) per step for n
+    drafted block positions (requests x depth), with exponential forgetting so it follows the
+    machine's current speed."""
 
     def __init__(self, decay: float = 0.98) -> None:
         self.decay = decay
-        self._s = np.zeros(5)  # sums of 1, R, R^2, ms, R*ms
+        self._s = np.zeros(5)  # sums of 1, n, n^2, ms, n*ms
 
-    def observe(self, num_requests: int, ms: float) -> None:
-        r = float(num_requests)
-        self._s = self.decay * self._s + np.array([1.0, r, r * r, ms, r * ms])
+    def observe(self, num_tokens: int, ms: float) -> None:
+        x = float(num_tokens)
+        self._s = self.decay * self._s + np.array([1.0, x, x * x, ms, x * ms])
 
-    def predict(self, num_requests: int) -> float:
-        n, sr, srr, sy, sry = self._s
+    def predict(self, num_tokens: int | np.ndarray) -> float | np.ndarray:
+        n, sx, sxx, sy, sxy = self._s
         if n < 1e-9:
-            return 0.0  # nothing measured yet: optimistic, the first drafted steps measure it
-        det = n * srr - sr * sr
-        if det < 1e-6 * max(n * srr, 1e-9):  # one batch size seen so far: proportional model
-            return max(sy / n, 0.0) * num_requests / max(sr / n, 1.0)
-        b = (n * sry - sr * sy) / det
-        a = (sy - b * sr) / n
-        return max(a + b * num_requests, 0.0)
+            return 0.0 * np.asarray(num_tokens, dtype=np.float64)  # nothing measured yet: optimistic
+        det = n * sxx - sx * sx
+        if det < 1e-6 * max(n * sxx, 1e-9):  # one size seen so far: proportional model
+            return np.maximum(sy / n, 0.0) * np.asarray(num_tokens, dtype=np.float64) / max(sx / n, 1.0)
+        b = (n * sxy - sx * sy) / det
+        a = (sy - b * sx) / n
+        return np.maximum(a + b * np.asarray(num_tokens, dtype=np.float64), 0.0)
 
 
 class DraftGate:
     """Pre-draft decision: draft this step or decode plainly (see module docstring)."""
 
     def __init__(self, cost: CostProfile, block_size: int, smooth: bool = True, momentum: float = 0.9,
-                 probe_every: int = 16, max_probe_every: int = 256, min_gain: float = 1.05) -> None:
+                 probe_every: int = 16, max_probe_every: int = 256, min_gain: float = 1.05,
+                 adaptive_depth: bool = True) -> None:
         self.cost = cost
         self.min_gain = min_gain
+        self.adaptive_depth = adaptive_depth
         self.block_size = block_size
         self.smooth = smooth
         self.momentum = momentum
@@ -73,52 +91,84 @@ class DraftGate:
         self.probe_wait = probe_every  # skipped steps before the next probe (backs off)
         self.skipped_in_a_row = 0
         self.prior: np.ndarray | None = None  # mean calibrated c_k, None until a block is seen
-        self.blocks_seen = 0
+        self.seen = np.zeros(block_size)  # blocks that reached each position (shallow drafts stop early)
         self.timer = DraftTimer()
 
-    def observe(self, confidence: np.ndarray, draft_ms: float | None = None) -> None:
-        """Record a drafted step: calibrated confidences [R, B] and the drafter's wall time."""
-        if confidence is not None and len(confidence):
-            mean = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0).mean(axis=0)
-            # bias-corrected EMA: the plain mean over the first blocks, so the very first block
-            # (often a short warm-up request) does not dominate the prior for dozens of steps
-            self.blocks_seen += 1
-            weight = max(1.0 - self.momentum, 1.0 / self.blocks_seen)
-            self.prior = mean if self.prior is None else (1 - weight) * self.prior + weight * mean
-        if draft_ms is not None and confidence is not None:
-            self.timer.observe(len(confidence), draft_ms)
+    @property
+    def blocks_seen(self) -> int:
+        return int(self.seen[0])
 
-    def gain(self, num_requests: int, load: StepLoad | None = None) -> float:
-        """Predicted throughput with drafting / without (>1: drafting pays)."""
+    def observe(self, confidence: np.ndarray, draft_ms: float | None = None) -> None:
+        """Record a drafted step: calibrated confidences [R, D] (D <= B drafted positions) and
+        the drafter's wall time. Only the D observed positions of the prior move."""
+        if confidence is not None and len(confidence):
+            mean = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0).mean(axis=0)[: self.block_size]
+            depth = len(mean)
+            if self.prior is None:
+                # positions a first shallow block did not reach start from its deepest one
+                self.prior = np.concatenate([mean, np.full(self.block_size - depth, mean[-1])])
+            # bias-corrected EMA per position: the plain mean over the first blocks, so the very
+            # first block (often a short warm-up request) does not dominate the prior for long
+            self.seen[:depth] += 1
+            weight = np.maximum(1.0 - self.momentum, 1.0 / self.seen[:depth])
+            self.prior[:depth] = (1 - weight) * self.prior[:depth] + weight * mean
+        if draft_ms is not None and confidence is not None:
+            shape = np.shape(confidence)
+            self.timer.observe(shape[0] * (shape[1] if len(shape) > 1 else self.block_size), draft_ms)
+
+    def gains(self, num_requests: int, load: StepLoad | None = None) -> np.ndarray:
+        """Predicted throughput with drafting / without, for each depth D = 1..B ([B]; >1 pays).
+
+        Survivals decrease with depth, so the best k tokens of depth D are the first k of R
+        copies of each position's survival, in position order: one tau curve serves every D."""
         if num_requests <= 0:
-            return 0.0
+            return np.zeros(self.block_size)
         if self.prior is None:
-            return float("inf")  # no confidences yet: draft to learn them
+            return np.full(self.block_size, np.inf)  # no confidences yet: draft to learn them
         load = load or StepLoad()
         surv = survival(self.prior[None, :])[0]
-        # R copies of each position's survival, best first (survival decreases with depth)
         sorted_surv = np.repeat(surv, num_requests)[: _room(num_requests, load)]
         tau = num_requests + np.concatenate([[0.0], np.cumsum(sorted_surv)])
         k = np.arange(len(tau))
         verify_ms = np.asarray(self.cost.step_time_ms(load.base_tokens + num_requests + k, self.smooth))
-        best = float(np.max(tau[1:] / (verify_ms[1:] + self.timer.predict(num_requests)))) if len(tau) > 1 else 0.0
         plain = num_requests / float(verify_ms[0])
-        return best / plain
+        out = np.zeros(self.block_size)
+        for depth in range(1, self.block_size + 1):
+            upto = min(num_requests * depth, len(tau) - 1)  # k <= R * D drafted tokens fit
+            if upto < 1:
+                continue
+            draft_ms = float(self.timer.predict(num_requests * depth))
+            out[depth - 1] = float(np.max(tau[1: upto + 1] / (verify_ms[1: upto + 1] + draft_ms))) / plain
+        return out
 
-    def num_to_draft(self, num_requests: int, load: StepLoad | None = None) -> int:
-        """How many of the ``num_requests`` should draft this step: all when drafting is predicted
-        to pay by more than ``min_gain``, one (a probe, after ``probe_wait`` skipped steps) to
-        refresh the estimates at the price of a single request's draft, else none."""
-        if self.gain(num_requests, load) > self.min_gain:
+    def gain(self, num_requests: int, load: StepLoad | None = None) -> float:
+        """Predicted throughput with drafting / without at the best depth (>1: drafting pays)."""
+        return float(np.max(self.gains(num_requests, load)))
+
+    def plan(self, num_requests: int, load: StepLoad | None = None) -> DraftPlan:
+        """Draft all ``num_requests`` at the best depth when that is predicted to pay by more
+        than ``min_gain``; else one request at full depth (a probe, after ``probe_wait`` skipped
+        steps) to refresh the estimates at the price of a single request's draft; else none."""
+        if self.prior is None:  # no confidences yet: a full block learns every position's
+            return DraftPlan(num_requests, self.block_size)
+        gains = self.gains(num_requests, load)
+        if not self.adaptive_depth:
+            gains[:-1] = -np.inf
+        best = int(np.argmax(gains))  # ties: the shallowest (cheapest) depth
+        if gains[best] > self.min_gain:
             self.skipped_in_a_row = 0
             self.probe_wait = self.probe_every
-            return num_requests
+            return DraftPlan(num_requests, best + 1)
         if self.skipped_in_a_row >= self.probe_wait:
             self.skipped_in_a_row = 0
             self.probe_wait = min(2 * self.probe_wait, self.max_probe_every)
-            return min(1, num_requests)
+            return DraftPlan(min(1, num_requests), self.block_size)
         self.skipped_in_a_row += 1
-        return 0
+        return DraftPlan(0, self.block_size)
+
+    def num_to_draft(self, num_requests: int, load: StepLoad | None = None) -> int:
+        """How many of the ``num_requests`` draft this step (see :meth:`plan`)."""
+        return self.plan(num_requests, load).requests
 
     def should_draft(self, num_requests: int, load: StepLoad | None = None) -> bool:
         return self.num_to_draft(num_requests, load) > 0

@@ -16,7 +16,7 @@ import torch
 from ..settings import DSparkSettings
 from .calibration import STSCalibrator
 from .cost_profile import CostProfile
-from .draft_gate import DraftGate
+from .draft_gate import DraftGate, DraftPlan
 from .step_cost import StepCostEstimator
 from .policies import (
     AsyncTopKPolicy,
@@ -86,7 +86,8 @@ class VerifyLengthScheduler:
                 step_cost = StepCostEstimator(cost)
             if settings.scheduler.draft_gate:
                 gate = DraftGate(cost, block_size, smooth=settings.scheduler.smooth_cost,
-                                 min_gain=settings.scheduler.gate_min_gain)
+                                 min_gain=settings.scheduler.gate_min_gain,
+                                 adaptive_depth=settings.scheduler.adaptive_depth)
         return cls(policy, load_calibrator(settings, checkpoint_dir, block_size), settings.scheduler.stale_steps,
                    gate, step_cost)
 
@@ -96,7 +97,13 @@ class VerifyLengthScheduler:
 
     def num_to_draft(self, num_requests: int, load: StepLoad | None = None) -> int:
         """How many requests draft this step: all, one (a gate probe) or none."""
-        return num_requests if self.gate is None else self.gate.num_to_draft(num_requests, load)
+        return self.plan_draft(num_requests, load).requests
+
+    def plan_draft(self, num_requests: int, load: StepLoad | None = None) -> DraftPlan:
+        """How many requests draft this step and how deep (without a gate: all, full block)."""
+        if self.gate is None:
+            return DraftPlan(num_requests, None)
+        return self.gate.plan(num_requests, load)
 
     def observe_draft(self, confidence: np.ndarray | None, draft_ms: float) -> None:
         """Feed a drafted step's calibrated confidences and drafter wall time to the gate."""
@@ -134,7 +141,10 @@ class VerifyLengthScheduler:
         if isinstance(self.policy, AsyncTopKPolicy):
             ids = request_ids if request_ids is not None else list(range(conf.shape[0]))
             stale = self.stale.stale(ids)
-            self.stale.push(ids, conf)
+            # a shallow draft (D < B positions): later positions keep the deepest one's confidence
+            width = self.stale.block_size
+            self.stale.push(ids, np.concatenate([conf, np.repeat(conf[:, -1:], width - conf.shape[1], axis=1)], axis=1)
+                            if conf.shape[1] < width else conf)
             return self.policy.lengths(conf, max_lens, load, stale_confidence=stale)
         return self.policy.lengths(conf, max_lens, load)
 

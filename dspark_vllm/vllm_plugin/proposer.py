@@ -10,7 +10,9 @@ aux hidden states. Per request it keeps a row of the drafter's context K/V cache
    steps under load then cost almost nothing);
 2. unless the draft gate says no verify length could pay this step (cost-aware policies: past
    confidences, cost curve, measured draft time; see ``scheduler/draft_gate.py``), draft a
-   block from [last sampled token, MASK...] (from the checkpoint's draft vocabulary if any);
+   block from [last sampled token, MASK...] (from the checkpoint's draft vocabulary if any),
+   as deep as the gate found worth verifying (the whole block unless load makes deep drafts
+   unprofitable);
 3. trim each request's block with the configured policy (confidence + step load) and return
    the per-request token lists; vLLM's rejection sampler verifies them. With
    ``draft_sampling: probabilistic`` (default) each request's drafts are sampled at its own
@@ -45,7 +47,8 @@ logger = logging.getLogger("dspark_vllm")
 
 ENV_ORACLE = "DSPARK_VLLM_ORACLE"
 ENV_ORACLE_CORRUPT = "DSPARK_VLLM_ORACLE_CORRUPT"
-DRAFT_TIMING_SIZES = (1, 2, 4, 8, 16, 32)  # batch sizes timed once to seed the gate's d(R) fit
+DRAFT_TIMING_SIZES = (1, 2, 4, 8, 16, 32)  # batch sizes timed once (full block) to seed the gate's d(n) fit
+SHALLOW_TIMING_DEPTHS = (1, 2)  # depths also timed at the largest of those sizes (under load the gate drafts shallow)
 
 
 class OracleHook:
@@ -232,17 +235,19 @@ class DSparkV1Proposer:
             self.context.flush_full()
             return out
         load = StepLoad(base_tokens=len(req_ids) - len(draft_ids), max_num_tokens=self.max_num_tokens)
+        depth = self.block_size
         if self.oracle is None:
-            n = self.scheduler.num_to_draft(len(draft_ids), load)
-            if n == 0:  # gated: plain decoding this step
+            plan = self.scheduler.plan_draft(len(draft_ids), load)
+            if plan.requests == 0:  # gated: plain decoding this step
                 self.context.flush_full()
                 self.stats.record_gated()
                 self.stats.maybe_flush()
                 return out
-            if n < len(draft_ids):  # a gate probe: one request (rotating) drafts
+            if plan.requests < len(draft_ids):  # a gate probe: one request (rotating) drafts
                 pick = self.stats.steps % len(draft_ids)
                 anchors, draft_ids = [anchors[pick]], [draft_ids[pick]]
                 load = StepLoad(base_tokens=len(req_ids) - 1, max_num_tokens=self.max_num_tokens)
+            depth = plan.depth or self.block_size
         self.context.flush([row for _, row in draft_ids] + self.context.full_rows())
         draft_rows = torch.tensor([row for _, row in draft_ids])
         view = self.cache.rows_view(draft_rows)
@@ -254,7 +259,8 @@ class DSparkV1Proposer:
             self._time_drafter(anchor, draft_rows, temperature)
             self._warmed_up = True
         t_draft = time.perf_counter()
-        block = self.drafter.propose(anchor, view, temperature, fused=self.drafter.can_fuse_sampling, seeds=seeds)
+        block = self.drafter.propose(anchor, view, temperature, fused=self.drafter.can_fuse_sampling, seeds=seeds,
+                                     depth=depth)
         if block.probs is not None:
             # q for vLLM's rejection sampler: rows in draft order, looked up by request id
             runner._draft_probs = block.probs.to(runner.device)
@@ -274,14 +280,15 @@ class DSparkV1Proposer:
             out[i] = toks[: int(n)]
             if n > 0:
                 self.pending[req_ids[i]] = conf[j, : int(n)].tolist() if conf is not None else [float("nan")] * int(n)
-        self.stats.record_step(len(draft_ids) * self.block_size, [int(n) for n in lengths])
+        self.stats.record_step(len(draft_ids) * depth, [int(n) for n in lengths])
         self.stats.maybe_flush()
         return out
 
     def _time_drafter(self, anchor: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor) -> None:
-        """Time one draft at each batch size in ``DRAFT_TIMING_SIZES`` (the rows at hand, repeated)
-        and feed the gate's draft timer, once per engine (0.2 s up to 8 requests for SmolLM2's
-        drafter on this CPU).
+        """Time one full-block draft at each batch size in ``DRAFT_TIMING_SIZES`` (the rows at
+        hand, repeated), and shallow drafts (``SHALLOW_TIMING_DEPTHS``) at the largest size, and
+        feed the gate's draft timer (n = requests x depth), once per engine (0.2 s up to 8
+        requests for SmolLM2's drafter on this CPU).
 
         Without it the timer extrapolates d(R) from the batch sizes that happened to draft first:
         a server whose first drafts were single requests predicted 346 ms for 16 (proportional)
@@ -289,16 +296,19 @@ class DSparkV1Proposer:
         at 16 clients on that error. Later drafts refine the fit (it forgets old points)."""
         if self.scheduler.gate is None:
             return
-        for size in [r for r in DRAFT_TIMING_SIZES if r <= self.max_reqs]:
+        sizes = [r for r in DRAFT_TIMING_SIZES if r <= self.max_reqs]
+        runs = [(size, self.block_size) for size in sizes]
+        runs += [(sizes[-1], d) for d in SHALLOW_TIMING_DEPTHS if d < self.block_size]
+        for size, depth in runs:
             pick = torch.arange(size) % len(rows)
             view = self.cache.rows_view(rows[pick])
             seeds = torch.randint(0, 2**31 - 1, (size,), generator=self.seed_gen)
             t0 = time.perf_counter()
             block = self.drafter.propose(anchor[pick], view, temperature[pick], fused=self.drafter.can_fuse_sampling,
-                                         seeds=seeds)
+                                         seeds=seeds, depth=depth)
             block.tokens.cpu()  # waits for the device, as a drafted step does
             self.scheduler.confidences(block.confidence_logits)  # part of a drafted step's cost too
-            self.scheduler.gate.timer.observe(size, (time.perf_counter() - t0) * 1000.0)
+            self.scheduler.gate.timer.observe(size * depth, (time.perf_counter() - t0) * 1000.0)
 
     def _draft_temperatures(self, runner, rows: list[int]) -> torch.Tensor:
         """Per-request draft temperature: the request's own under ``draft_sampling: probabilistic``
