@@ -27,12 +27,13 @@ class Proposer(Protocol):
 
 
 class DSparkProposer:
-    """Drives a :class:`DSparkDrafter` with a batched context K/V cache."""
+    """Drives a :class:`DSparkDrafter` with a batched context K/V cache; ``depth`` drafts only the
+    block's first D positions (default: the trained block size)."""
 
-    def __init__(self, drafter: DSparkDrafter, fused: bool = False) -> None:
+    def __init__(self, drafter: DSparkDrafter, fused: bool = False, depth: int | None = None) -> None:
         self.drafter = drafter
         self.fused = fused
-        self.block_size = drafter.block_size
+        self.block_size = drafter.check_depth(depth)
         self.cache: ContextKVCache | None = None
 
     def start(self, batch: int) -> None:
@@ -47,7 +48,8 @@ class DSparkProposer:
         if not torch.equal(self.cache.lengths.cpu(), anchor_pos.cpu()):
             raise RuntimeError("draft context is out of step with the target: context length "
                                f"{self.cache.lengths.tolist()} != anchor positions {anchor_pos.tolist()}")
-        return self.drafter.propose(anchor, self.cache, temperature, generator, fused=self.fused)
+        return self.drafter.propose(anchor, self.cache, temperature, generator, fused=self.fused,
+                                    depth=self.block_size)
 
 
 class OracleProposer:

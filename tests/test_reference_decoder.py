@@ -33,6 +33,20 @@ def test_tiny_qwen3_random_drafter_matches_greedy(tiny_qwen3, head_type, batch):
     assert stats.rounds >= 23 // 5 and stats.tau >= 1.0
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_shallow_drafts_keep_greedy_output(tiny_qwen3, depth):
+    """Drafting only the first D block positions (what the draft gate does under load) changes
+    how many tokens a round can gain, never which tokens come out."""
+    drafter = build_random_drafter(tiny_qwen3, num_layers=1, block_size=4, markov_rank=8)
+    proposer = DSparkProposer(drafter, depth=depth)
+    assert proposer.block_size == depth
+    out, stats = run(tiny_qwen3, proposer, TINY_PROMPTS, 24, drafter.config.target_layer_ids)
+    assert out == [hf_greedy(tiny_qwen3, p, 24) for p in TINY_PROMPTS]
+    assert 1.0 <= stats.tau <= depth + 1
+    with pytest.raises(ValueError, match="draft depth"):
+        DSparkProposer(drafter, depth=5)
+
+
 def test_tiny_qwen3_oracle_accepts_everything_and_corruption_cuts_there(tiny_qwen3):
     expected = [hf_greedy(tiny_qwen3, p, 40) for p in TINY_PROMPTS]
     seqs = [p + e + [0] * 8 for p, e in zip(TINY_PROMPTS, expected)]

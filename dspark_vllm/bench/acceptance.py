@@ -61,8 +61,9 @@ def run(args: argparse.Namespace) -> dict:
                 plain_stats.merge(st)
                 plain_out[(temp, i)] = out
             for dname, drafter in drafters.items():
-                dec = ReferenceDecoder(HFTarget(model, drafter.config.target_layer_ids), DSparkProposer(drafter))
-                stats = AcceptanceStats(drafter.block_size)
+                proposer = DSparkProposer(drafter, depth=args.depth)
+                dec = ReferenceDecoder(HFTarget(model, drafter.config.target_layer_ids), proposer)
+                stats = AcceptanceStats(proposer.block_size)
                 identical = True
                 for i, ids in enumerate(tqdm(prompts, desc=f"{name} {dname} T={temp}", unit="prompt", leave=False)):
                     out, st = dec.generate([ids], sampling)
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> dict:
                     if temp == 0:
                         identical &= out == plain_out[(temp, i)]
                 row = {"dataset": name, "drafter": dname, "temperature": temp, "prompts": len(prompts),
+                       "block_positions": proposer.block_size,
                        "tau": stats.tau, "cond_accept": stats.conditional_accept_rate(),
                        "tok_s": stats.tokens_per_second, "plain_tok_s": plain_stats.tokens_per_second,
                        "speedup": stats.tokens_per_second / max(plain_stats.tokens_per_second, 1e-9),
@@ -131,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", action="append", required=True, help="path.jsonl[:start:stop] (held-out prompts)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--depth", type=int, default=None,
+                   help="draft only the first D block positions, as the draft gate does under load "
+                        "(default: each drafter's trained block size)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", help="PNG path")

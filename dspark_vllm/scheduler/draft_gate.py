@@ -14,8 +14,8 @@ With every request assumed to have the prior survivals a_j = prod_{i<=j} c_i, dr
 positions admits at best max_{k <= R*D} (R + top-k survivals) / (t(base + R + k) + d(R * D))
 (the same greedy path the causal policy walks, searched globally). The gate also picks the
 depth D: under load the best k is about one token per request, and a full block of B
-positions costs B times a block of one (SmolLM2 drafter on this CPU, 16 requests: ~70 ms for
-B = 7, a third of a 16-request engine step). The step drafts at the best D iff that beats
+positions costs nearly B times a block of one (SmolLM2 drafter on this CPU at 16 requests:
+60-80 ms for B = 7, nearly half of a ~155 ms 16-request engine step). The step drafts at the best D iff that beats
 plain decoding, R / t(base + R), by more than the margin ``min_gain`` (default 5%): the prediction
 rests on means (prior survivals, a fitted draft time, a median cost scale), and a step opened on
 a predicted gain of 1.01 pays every request's full draft when the truth is 0.95; a margin keeps
@@ -32,9 +32,9 @@ clients on the 2-core CPU, a py-spy profile).
 
 from __future__ import annotations
 
-import numpy as np
-
 from dataclasses import dataclass
+
+import numpy as np
 
 from .cost_profile import CostProfile
 from .policies import StepLoad, _room, survival
