@@ -174,3 +174,18 @@ def test_stale_confidences_lag_two_steps():
     assert buf.stale(["a"]).tolist() == [[0.3, 0.4]]
     buf.forget(["a"])
     assert buf.stale(["a"]).tolist() == [[1.0, 1.0]]
+
+
+def test_shallow_drafts_extend_to_the_block_for_stale_budgets():
+    from dspark_vllm.scheduler.policies import extend_to_block
+    from dspark_vllm.scheduler import VerifyLengthScheduler
+    from dspark_vllm.settings import settings_from_dict
+
+    conf = np.array([[0.9, 0.5], [0.7, 0.2]])
+    assert extend_to_block(conf, 4).tolist() == [[0.9, 0.5, 0.5, 0.5], [0.7, 0.2, 0.2, 0.2]]
+    assert extend_to_block(conf, 2) is conf
+    sched = VerifyLengthScheduler.from_settings(settings_from_dict({"scheduler": {"policy": "async_topk"}}), 4)
+    for _ in range(3):  # shallow blocks go into the two-step-old history at full width
+        lens = sched.lengths_from_confidences(conf, ["a", "b"])
+        assert (np.asarray(lens) <= 2).all()
+    assert sched.stale.stale(["a"]).shape == (1, 4)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cost_profile import CostProfile
-from .policies import StepLoad, _room, survival
+from .policies import StepLoad, _room, extend_to_block, survival
 
 
 @dataclass(frozen=True)
@@ -62,16 +62,16 @@ class DraftTimer:
         x = float(num_tokens)
         self._s = self.decay * self._s + np.array([1.0, x, x * x, ms, x * ms])
 
-    def predict(self, num_tokens: int | np.ndarray) -> float | np.ndarray:
+    def predict(self, num_tokens: int) -> float:
         n, sx, sxx, sy, sxy = self._s
         if n < 1e-9:
-            return 0.0 * np.asarray(num_tokens, dtype=np.float64)  # nothing measured yet: optimistic
+            return 0.0  # nothing measured yet: optimistic, the first drafted steps measure it
         det = n * sxx - sx * sx
         if det < 1e-6 * max(n * sxx, 1e-9):  # one size seen so far: proportional model
-            return np.maximum(sy / n, 0.0) * np.asarray(num_tokens, dtype=np.float64) / max(sx / n, 1.0)
+            return float(max(sy / n, 0.0) * num_tokens / max(sx / n, 1.0))
         b = (n * sxy - sx * sy) / det
         a = (sy - b * sx) / n
-        return np.maximum(a + b * np.asarray(num_tokens, dtype=np.float64), 0.0)
+        return float(max(a + b * num_tokens, 0.0))
 
 
 class DraftGate:
@@ -94,27 +94,21 @@ class DraftGate:
         self.seen = np.zeros(block_size)  # blocks that reached each position (shallow drafts stop early)
         self.timer = DraftTimer()
 
-    @property
-    def blocks_seen(self) -> int:
-        return int(self.seen[0])
-
     def observe(self, confidence: np.ndarray, draft_ms: float | None = None) -> None:
         """Record a drafted step: calibrated confidences [R, D] (D <= B drafted positions) and
         the drafter's wall time. Only the D observed positions of the prior move."""
         if confidence is not None and len(confidence):
             mean = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0).mean(axis=0)[: self.block_size]
             depth = len(mean)
-            if self.prior is None:
-                # positions a first shallow block did not reach start from its deepest one
-                self.prior = np.concatenate([mean, np.full(self.block_size - depth, mean[-1])])
+            if self.prior is None:  # positions a first shallow block did not reach: its deepest one
+                self.prior = extend_to_block(mean, self.block_size)
             # bias-corrected EMA per position: the plain mean over the first blocks, so the very
             # first block (often a short warm-up request) does not dominate the prior for long
             self.seen[:depth] += 1
             weight = np.maximum(1.0 - self.momentum, 1.0 / self.seen[:depth])
             self.prior[:depth] = (1 - weight) * self.prior[:depth] + weight * mean
         if draft_ms is not None and confidence is not None:
-            shape = np.shape(confidence)
-            self.timer.observe(shape[0] * (shape[1] if len(shape) > 1 else self.block_size), draft_ms)
+            self.timer.observe(np.size(confidence), draft_ms)  # R x D drafted positions
 
     def gains(self, num_requests: int, load: StepLoad | None = None) -> np.ndarray:
         """Predicted throughput with drafting / without, for each depth D = 1..B ([B]; >1 pays).
@@ -137,7 +131,7 @@ class DraftGate:
             upto = min(num_requests * depth, len(tau) - 1)  # k <= R * D drafted tokens fit
             if upto < 1:
                 continue
-            draft_ms = float(self.timer.predict(num_requests * depth))
+            draft_ms = self.timer.predict(num_requests * depth)
             out[depth - 1] = float(np.max(tau[1: upto + 1] / (verify_ms[1: upto + 1] + draft_ms))) / plain
         return out
 

@@ -51,6 +51,15 @@ def survival(confidence: np.ndarray) -> np.ndarray:
     return np.cumprod(np.clip(confidence, 0.0, 1.0), axis=1)
 
 
+def extend_to_block(confidence: np.ndarray, width: int) -> np.ndarray:
+    """Confidences of a shallow draft ([..., D], D <= width) extended to ``width`` positions, the
+    undrafted ones repeating the deepest drafted one (an estimate, never a verified length)."""
+    missing = width - confidence.shape[-1]
+    if missing <= 0:
+        return confidence
+    return np.concatenate([confidence, np.repeat(confidence[..., -1:], missing, axis=-1)], axis=-1)
+
+
 def _max_lens(confidence: np.ndarray, max_lens: np.ndarray | None) -> np.ndarray:
     r, b = confidence.shape
     return np.full(r, b, dtype=np.int64) if max_lens is None else np.minimum(np.asarray(max_lens, np.int64), b)

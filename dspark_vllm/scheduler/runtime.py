@@ -25,6 +25,7 @@ from .policies import (
     StaleConfidences,
     StepLoad,
     ThresholdPolicy,
+    extend_to_block,
 )
 
 CALIBRATION_FILE = "calibration.json"
@@ -141,10 +142,7 @@ class VerifyLengthScheduler:
         if isinstance(self.policy, AsyncTopKPolicy):
             ids = request_ids if request_ids is not None else list(range(conf.shape[0]))
             stale = self.stale.stale(ids)
-            # a shallow draft (D < B positions): later positions keep the deepest one's confidence
-            width = self.stale.block_size
-            self.stale.push(ids, np.concatenate([conf, np.repeat(conf[:, -1:], width - conf.shape[1], axis=1)], axis=1)
-                            if conf.shape[1] < width else conf)
+            self.stale.push(ids, extend_to_block(conf, self.stale.block_size))  # a shallow draft has D < B
             return self.policy.lengths(conf, max_lens, load, stale_confidence=stale)
         return self.policy.lengths(conf, max_lens, load)
 
