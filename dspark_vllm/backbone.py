@@ -69,17 +69,29 @@ class DSparkAttention(nn.Module):
         return k, v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ctx_k: torch.Tensor, ctx_v: torch.Tensor, ctx_mask: torch.Tensor) -> torch.Tensor:
+                ctx_k: torch.Tensor, ctx_v: torch.Tensor, ctx_mask: torch.Tensor,
+                block_slots: bool = False) -> torch.Tensor:
         """x [N, B, H] block states; ctx_k/ctx_v [N, n_kv, T, d]; ctx_mask [N, T] bool (every
         block token sees the valid context and its whole block) or a full [N, B, T + B] bool mask
         (training packs many blocks of one sequence into one row, each seeing its own block and
-        the context before its anchor)."""
+        the context before its anchor).
+
+        ``block_slots=True``: ctx_k/ctx_v are [N, n_kv, T + B, d] and their last B slots are
+        scratch (past every row's context); the block's K/V are written there and attention reads
+        the buffers as they are. Same attention as concatenating, without copying the context
+        K/V twice per layer (16 requests, 250 context tokens, one position each: 19.2 instead of
+        20.3 ms per draft on this CPU)."""
         n, b, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(n, b, self.num_heads, self.head_dim)).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k_blk, v_blk = self.project_kv(x, cos, sin)
-        k = torch.cat([ctx_k.to(k_blk.dtype), k_blk], dim=2)
-        v = torch.cat([ctx_v.to(v_blk.dtype), v_blk], dim=2)
+        if block_slots:
+            ctx_k[:, :, -b:] = k_blk
+            ctx_v[:, :, -b:] = v_blk
+            k, v = ctx_k, ctx_v
+        else:
+            k = torch.cat([ctx_k.to(k_blk.dtype), k_blk], dim=2)
+            v = torch.cat([ctx_v.to(v_blk.dtype), v_blk], dim=2)
         # Grouped-query attention without copying K/V per query head: the `groups` query heads
         # that share a K/V head become `groups` x b queries of that head (every query's softmax
         # is independent, so this is the same attention). Repeating K/V instead copied
@@ -120,8 +132,8 @@ class DSparkDecoderLayer(nn.Module):
             self.input_layernorm = Qwen3RMSNorm(hidden, eps=eps)
             self.post_attention_layernorm = Qwen3RMSNorm(hidden, eps=eps)
 
-    def forward(self, x, cos, sin, ctx_k, ctx_v, ctx_mask):
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, ctx_k, ctx_v, ctx_mask)
+    def forward(self, x, cos, sin, ctx_k, ctx_v, ctx_mask, block_slots: bool = False):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, ctx_k, ctx_v, ctx_mask, block_slots)
         if self.family == "gemma4":
             x = x + self.post_attention_layernorm(attn)
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))

@@ -67,14 +67,17 @@ class ContextKVCache:
             self.values[layer][dst, :, dest] = v.to(self.values[layer].dtype)
         self.lengths[rows] += counts
 
-    def rows_view(self, rows: torch.Tensor) -> "ContextKVCache":
-        """A gathered copy of some rows (read-only use: drafting a subset of requests)."""
+    def rows_view(self, rows: torch.Tensor, spare: int = 0) -> "ContextKVCache":
+        """A gathered copy of some rows (drafting a subset of requests), with ``spare`` free slots
+        past its longest row, where a draft block of that many positions puts its K/V in place."""
         view = object.__new__(ContextKVCache)
         view.num_layers = self.num_layers
         view.lengths = self.lengths[rows]
         upto = int(view.lengths.max()) if len(rows) else 0
-        view.keys = [k[rows, :, :upto] for k in self.keys]
-        view.values = [v[rows, :, :upto] for v in self.values]
+        if upto + spare > self.capacity:
+            self._grow(upto + spare)
+        view.keys = [k[rows, :, :upto + spare] for k in self.keys]
+        view.values = [v[rows, :, :upto + spare] for v in self.values]
         return view
 
     def valid_mask(self, upto: int | None = None) -> torch.Tensor:

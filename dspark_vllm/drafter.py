@@ -201,8 +201,12 @@ class DSparkDrafter(nn.Module):
         cos, sin = rotary_cos_sin(self.rotary_emb, self.family, x, positions)
         upto = int(cache.lengths.max()) if cache.batch else 0
         mask = cache.valid_mask(upto)
+        # Slots past the longest context are free: the block's K/V go there in place (no copy of
+        # the context per layer) when the cache's dtype and capacity allow.
+        in_place = cache.capacity >= upto + depth and cache.keys[0].dtype == x.dtype
+        end = upto + depth if in_place else upto
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.keys[i][:, :, :upto], cache.values[i][:, :, :upto], mask)
+            x = layer(x, cos, sin, cache.keys[i][:, :, :end], cache.values[i][:, :, :end], mask, in_place)
         return self.norm(x)
 
     def base_logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:

@@ -42,6 +42,29 @@ def test_batched_rows_are_independent(tiny_qwen3):
         torch.testing.assert_close(h_batch[r], d.forward_block(anchors[r:r + 1], single)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_block_kv_in_spare_slots_equals_concatenation_and_leaves_the_context_intact(tiny_qwen3):
+    """The block's K/V written into free cache slots (rows_view with spare slots, or the cache
+    itself) give the same states as concatenating them to a copy of the context, and drafting
+    leaves nothing behind: the next context append and draft match a cache never drafted from."""
+    d = _drafter(tiny_qwen3)
+    feats = _features(3, 6, 2 * 64)
+    cache, fresh = d.new_cache(3, capacity=6), d.new_cache(3, capacity=6)
+    for c in (cache, fresh):
+        d.add_context(c, feats[:, :5], torch.tensor([5, 2, 4]))
+    rows, anchors = torch.tensor([2, 0]), torch.tensor([5, 9])
+    concat = d.forward_block(anchors, cache.rows_view(rows))  # exactly as long as the context: no room
+    spare = cache.rows_view(rows, spare=4)
+    assert spare.capacity == 5 + 4 and cache.capacity >= 9  # the cache grew to give the view its slots
+    torch.testing.assert_close(d.forward_block(anchors, spare), concat, rtol=0, atol=0)
+    all_rows = torch.tensor([9, 0, 5])
+    torch.testing.assert_close(d.forward_block(all_rows, cache),  # in place, in the cache itself
+                               d.forward_block(all_rows, cache.rows_view(torch.arange(3))), rtol=0, atol=0)
+    for c in (cache, fresh):
+        d.add_context(c, feats[:, 5:6], torch.tensor([1, 1, 1]))
+    torch.testing.assert_close(d.forward_block(torch.tensor([1, 2, 3]), cache),
+                               d.forward_block(torch.tensor([1, 2, 3]), fresh), rtol=0, atol=0)
+
+
 def test_context_changes_drafts_and_block_is_non_causal(tiny_qwen3):
     d = _drafter(tiny_qwen3)
     cache = d.new_cache(1)
