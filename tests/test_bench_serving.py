@@ -47,3 +47,25 @@ def test_counter_delta_keeps_label_summed_names_and_pooling_adds_rounds():
     runs = [dict(_run("la", 16, r, 100, 10, {"0": "a"}), counters=delta) for r in (0, 1)]
     (row,) = pool_rounds(runs, ["la"])
     assert row["counters"] == {"dspark:gated_steps_total": 30.0, "dspark:draft_steps_total": 8.0}
+
+
+def test_repeats_mirror_the_order_so_each_config_is_first_as_often_as_last():
+    from dspark_vllm.bench.serving import run_order
+
+    names = ["no-spec", "la"]
+    orders = [run_order(names, rnd, 0, rep) for rnd in range(2) for rep in range(2)]
+    assert orders[:2] == [["no-spec", "la"], ["la", "no-spec"]]  # A B, B A within a round
+    assert orders[2:] == [["la", "no-spec"], ["no-spec", "la"]]  # the next round starts mirrored
+    firsts = [o[0] for o in orders]
+    assert firsts.count("no-spec") == firsts.count("la")
+    assert run_order(names, 0, 1, 0) == ["la", "no-spec"]  # the next concurrency mirrors too
+
+
+def test_paired_ratios_divide_by_the_baseline_run_of_the_same_round_and_repeat():
+    from dspark_vllm.bench.serving import paired_ratios
+
+    runs = [dict(_run("no-spec", 16, 0, 100, 10, {}), repeat=0), dict(_run("la", 16, 0, 120, 10, {}), repeat=0),
+            dict(_run("la", 16, 0, 90, 10, {}), repeat=1), dict(_run("no-spec", 16, 0, 100, 5, {}), repeat=1),
+            dict(_run("la", 4, 0, 90, 10, {}), repeat=0)]  # another concurrency: no baseline, not paired
+    assert paired_ratios(runs, "la", 16) == [1.2, 9.0 / 20.0]
+    assert paired_ratios(runs, "la", 4) == []

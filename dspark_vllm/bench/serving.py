@@ -13,11 +13,16 @@ the DSpark counters the server moved during it (drafted and gated steps, admitte
 
 Why this shape, on a shared 2-core machine: (1) its speed drifts, so runs of one concurrency
 are adjacent in time (seconds apart, not a whole server's run apart) and every other round
-mirrors the order (A B C, C B A); (2) two instances of the *same* server can differ by about 10%
+mirrors the order (A B C, C B A), and ``--repeats N`` drives each concurrency N times per round,
+mirroring the order each time (A B, B A: a drift that is linear over the pair cancels); (2) two instances of the *same* server can differ by about 10%
 in engine step time for their whole life (vLLM's own iteration timings: 205 vs 183 ms median
 for identical 16-request decode steps), so every round starts fresh servers and ``--rounds N``
-averages N instances of each. Each configuration's rounds are pooled (total tokens over total
-wall time).
+averages N instances of each. Each configuration's runs are pooled (total tokens over total
+wall time); the ratio of every run to the no-speculation run beside it (same round and repeat) is
+listed too, so the spread is visible. Measured here: adjacent 50-second runs of two identical
+no-speculation servers at 16 clients differed by 4-15% (ratios 0.96, 0.95, 1.08 over three
+pairs), with no lasting difference between the two instances, so more runs per round (repeats)
+reduce the noise about as well as more rounds and cost no server start-ups.
 """
 
 from __future__ import annotations
@@ -157,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
         configs = [c for c in configs if c[0] in args.configs]
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
-    out: dict = {"target": target, "drafter": args.drafter, "rounds": args.rounds, "runs": []}
+    out: dict = {"target": target, "drafter": args.drafter, "rounds": args.rounds, "repeats": args.repeats, "runs": []}
     for rnd in range(args.rounds):
         _run_round(rnd, configs, target, prompts, args, logs, out)
     out["rows"] = pool_rounds(out["runs"], [name for name, _, _ in configs])
@@ -174,13 +179,15 @@ def _run_round(rnd: int, configs: list, target: str, prompts: list[str], args: a
             servers[name] = Server(target, spec_cfg, env, max(args.concurrency), logs / f"{name}-{rnd}.log")
             servers[name].wait_healthy()
             drive(servers[name].port, prompts, 1, 1, 8)  # warm-up
-        for ci, c in enumerate(args.concurrency):  # every c sees both orders in two rounds
-            for name, _, _ in (configs if (rnd + ci) % 2 == 0 else configs[::-1]):
-                before = servers[name].counters()
-                row = drive(servers[name].port, prompts, c, args.requests_per_client, args.max_tokens)
-                row.update(config=name, concurrency=c, round=rnd, counters=counter_delta(before, servers[name].counters()))
-                out["runs"].append(row)
-                print(_format_run(row), flush=True)
+        for ci, c in enumerate(args.concurrency):
+            for rep in range(args.repeats):
+                for name in run_order([name for name, _, _ in configs], rnd, ci, rep):
+                    before = servers[name].counters()
+                    row = drive(servers[name].port, prompts, c, args.requests_per_client, args.max_tokens)
+                    row.update(config=name, concurrency=c, round=rnd, repeat=rep,
+                               counters=counter_delta(before, servers[name].counters()))
+                    out["runs"].append(row)
+                    print(_format_run(row), flush=True)
         for name, server in servers.items():  # gauges as the round left them, one list entry per round
             for key, value in server.metrics().items():
                 if "_created" not in key and not key.split("{")[0].endswith("_total"):
@@ -190,11 +197,18 @@ def _run_round(rnd: int, configs: list, target: str, prompts: list[str], args: a
             server.stop()
 
 
+def run_order(names: list[str], rnd: int, ci: int, rep: int) -> list[str]:
+    """Order in which the servers take their turn: mirrored from one repeat to the next, from one
+    concurrency to the next and from one round to the next, so every configuration runs first as
+    often as last and consecutive repeats form A B B A."""
+    return list(names) if (rnd + ci + rep) % 2 == 0 else list(names)[::-1]
+
+
 def _format_run(row: dict) -> str:
     k = row["counters"]
     gate = (f"  drafted {k['dspark:draft_steps_total']:.0f} / gated {k.get('dspark:gated_steps_total', 0):.0f} steps"
             if "dspark:draft_steps_total" in k else "")
-    return (f"round {row['round']} {row['config']:>18} c={row['concurrency']:<3} {row['tok_s']:7.2f} tok/s  latency "
+    return (f"round {row['round']}.{row.get('repeat', 0)} {row['config']:>18} c={row['concurrency']:<3} {row['tok_s']:7.2f} tok/s  latency "
             f"mean {row['latency_mean_s']:.2f} s p90 {row['latency_p90_s']:.2f} s{gate}")
 
 
@@ -231,6 +245,14 @@ def _sum_counters(group: list[dict]) -> dict[str, float]:
     return total
 
 
+def paired_ratios(runs: list[dict], config: str, concurrency: int, base: str = "no-spec") -> list[float]:
+    """tokens/s of each run of ``config`` over the ``base`` run of the same round and repeat."""
+    ref = {(r["round"], r.get("repeat", 0)): r["tok_s"] for r in runs
+           if r["config"] == base and r["concurrency"] == concurrency}
+    return [r["tok_s"] / ref[(r["round"], r.get("repeat", 0))] for r in runs
+            if r["config"] == config and r["concurrency"] == concurrency and (r["round"], r.get("repeat", 0)) in ref]
+
+
 def _ratios(out: dict) -> None:
     base = {r["concurrency"]: r for r in out["rows"] if r["config"] == "no-spec"}
     print(f"\n{'config':>18} {'c':>3} {'tok/s':>8} {'vs no-spec':>10} {'latency':>8} {'identical':>9}")
@@ -240,6 +262,14 @@ def _ratios(out: dict) -> None:
         r["identical"] = all(v is not None and b["answers"].get(k) == v for k, v in r["answers"].items()) if b else None
         print(f"{r['config']:>18} {r['concurrency']:>3} {r['tok_s']:>8.2f} {r['ratio']:>9.2f}x "
               f"{r['latency_mean_s']:>7.2f}s {str(r['identical']):>9}")
+    print("\nper run, tokens/s over the no-spec run beside it (same round and repeat):")
+    for r in out["rows"]:
+        if r["config"] == "no-spec":
+            continue
+        r["ratio_per_run"] = paired_ratios(out["runs"], r["config"], r["concurrency"])
+        if r["ratio_per_run"]:
+            print(f"{r['config']:>18} {r['concurrency']:>3}  " + " ".join(f"{x:.2f}" for x in r["ratio_per_run"])
+                  + f"  (min {min(r['ratio_per_run']):.2f})")
 
 
 def plot(out: dict, path: str) -> None:
@@ -275,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", help="subset of no-spec dspark-fixed dspark-load-aware (default: all)")
     p.add_argument("--rounds", type=int, default=2,
                    help="repeat everything, mirroring the config order every other time, and pool (noisy machines)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="drive each concurrency this many times per round, mirroring the order (A B, B A)")
     p.add_argument("--logs", default="serving-logs")
     p.add_argument("--plot", help="PNG path")
     p.add_argument("--json", help="write rows as JSON here")
