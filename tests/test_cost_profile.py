@@ -37,3 +37,20 @@ def test_profiler_times_forward():
     prof = profile_step_times(lambda n: calls.append(n), [4, 1, 2, 4], repeats=2, warmup=1, progress=False)
     assert prof.tokens == [1, 2, 4]
     assert calls.count(4) == 3  # warmup + 2 repeats
+
+
+def test_vllm_profile_adds_logits_for_every_verified_token():
+    """A prefill profile computes one row of logits; a verify step computes one per token. The
+    added cost is the logits time at n rows minus at 1 row, so the 1-token point is unchanged
+    and the slope grows by the per-row logits cost."""
+    import pytest
+
+    from dspark_vllm.scheduler import CostProfile
+    from dspark_vllm.vllm_plugin.startup_profile import with_logits_for_every_token
+
+    prefill = CostProfile(tokens=[1, 16, 32], step_ms=[40.0, 60.0, 80.0], device="x")
+    decode = with_logits_for_every_token(prefill, [5.0, 35.0, 65.0])
+    assert decode.tokens == [1, 16, 32] and decode.step_ms == [40.0, 90.0, 140.0]
+    assert decode.forward_ms(32) - decode.forward_ms(16) == 50.0  # was 20: plus 30 ms of logits for 16 rows
+    with pytest.raises(ValueError, match="token grid"):
+        with_logits_for_every_token(prefill, [5.0, 35.0])

@@ -124,6 +124,48 @@ def test_step_cost_scale_keeps_the_curve_shape():
     assert cost.step_time_ms(32) / cost.step_time_ms(16) == pytest.approx(cost.forward_ms(32) / cost.forward_ms(16))
 
 
+def test_verify_premium_is_learned_from_drafted_vs_plain_steps_and_closes_a_marginal_gate():
+    """Steps that verify drafts are timed apart from plain ones: the plain median sets the scale,
+    drafted / plain is the premium, and the gate charges it to drafted steps only, so a gain
+    predicted at 1.1 on the plain scale falls below the margin when drafted steps cost 20% more."""
+    from dspark_vllm.scheduler.step_cost import StepCostEstimator
+
+    cost = flat_then_linear()
+    est = StepCostEstimator(cost, window=16, min_samples=4)
+    for _ in range(4):
+        est.observe(16, 2.0 * cost.forward_ms(16), verified_drafts=16)  # drafted steps only so far
+    assert cost.scale == pytest.approx(2.0) and cost.verify_premium is None  # all steps set the scale
+    for _ in range(4):
+        est.observe(16, 1.6 * cost.forward_ms(16))  # plain steps: 1.6x the profile
+    assert cost.scale == pytest.approx(1.6) and cost.verify_premium == pytest.approx(1.25)
+    est.observe(16, 100 * cost.forward_ms(16), verified_drafts=3)  # one outlier moves no median
+    assert cost.verify_premium == pytest.approx(1.25)
+
+    gate = DraftGate(flat_then_linear(slope=0.5), block_size=4, min_gain=1.05)
+    gate.observe(np.full((1, 4), 0.8), draft_ms=8.0)
+    gate.cost.scale = 1.6
+    open_gain = gate.gain(16)
+    assert open_gain == pytest.approx(1.1, abs=0.01)
+    gate.cost.verify_premium = 1.25
+    assert gate.gain(16) < 1.05 < open_gain
+    assert gate.plan(16).requests == 0
+
+
+def test_an_open_gate_with_a_marginal_gain_explores_plain_steps():
+    """With no plain steps the premium would go stale: below ``explore_below`` every
+    ``explore_every``-th step is plain (every 4th until a premium is known); a clear gain never
+    explores."""
+    gate = DraftGate(flat_then_linear(), block_size=4, min_gain=1.0, explore_every=8, explore_below=10.0)
+    gate.observe(np.full((1, 4), 0.9), draft_ms=8.0)
+    plans = [gate.plan(4).requests for _ in range(16)]
+    assert plans.count(0) == 4 and plans[3] == 0  # premium unknown: every 4th step
+    gate.cost.verify_premium = 1.0
+    plans = [gate.plan(4).requests for _ in range(16)]
+    assert plans.count(0) == 2
+    gate.explore_below = 1.0  # the gain is clear of it: no exploration
+    assert all(gate.plan(4).requests == 4 for _ in range(32))
+
+
 def test_a_slower_served_step_makes_a_closed_gate_open():
     """The drafter's time is measured, the target's is profiled: once served steps are known to
     be 2x the profile, the same drafts can pay."""

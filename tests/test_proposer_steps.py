@@ -106,3 +106,21 @@ def test_shallow_plan_drafts_only_that_many_positions(proposer, monkeypatch):
     assert depths == [2]
     assert all(len(d) <= 2 for d in drafts)
     assert p.stats.drafted - drafted_before == 2 * NUM_REQS
+
+
+def test_a_step_is_timed_as_drafted_only_if_it_verified_drafts(proposer, monkeypatch):
+    """The step after a drafting call verifies its drafts and feeds the drafted-step samples
+    (the verify premium); the step after a gated call is a plain sample."""
+    p, runner = proposer
+    seen = []
+    monkeypatch.setattr(p.scheduler, "observe_step", lambda n, ms, verified=0: seen.append(verified))
+    drafts = run_step(p, runner, [0] * NUM_REQS, [5, 6, 7, 8])  # first call: nothing to time yet
+    handed = sum(len(d) for d in drafts)
+    assert handed > 0 and seen == []
+    p.scheduler.gate.prior = np.full(p.block_size, 0.01)  # from now on the gate stays shut
+    p.scheduler.gate.timer.observe(NUM_REQS, 1000.0)
+    p.scheduler.gate.timer.observe(1, 1000.0)
+    start = [5 + len(d) for d in drafts]
+    run_step(p, runner, start, [1 + len(d) for d in drafts])
+    run_step(p, runner, [s + 1 + len(d) for s, d in zip(start, drafts)], [1] * NUM_REQS)
+    assert seen == [handed, 0]

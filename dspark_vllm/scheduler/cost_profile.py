@@ -42,6 +42,9 @@ class CostProfile:
     # Served step time / profiled forward time (engine overheads, a slower machine than on the
     # profiling day): learned online by StepCostEstimator, multiplies every step_time_ms. Not saved.
     scale: float = 1.0
+    # Served cost of a step that verifies drafts / of a plain step of as many tokens, beyond the
+    # profile's slope (learned by StepCostEstimator; the draft gate charges it). Not saved.
+    verify_premium: float | None = None  # None: not learned yet (the gate assumes 1.0)
     _table: np.ndarray = field(init=False, repr=False)
     _smooth_table: np.ndarray = field(init=False, repr=False)
     _draft_table: np.ndarray = field(init=False, repr=False)

@@ -21,6 +21,12 @@ rests on means (prior survivals, a fitted draft time, a median cost scale), and 
 a predicted gain of 1.01 pays every request's full draft when the truth is 0.95; a margin keeps
 the gate shut across that noise band, where drafting could win little anyway.
 
+Drafted steps are charged the learned ``verify_premium`` (``step_cost.py``): verifying drafts
+costs more than the profile's slope says. The premium compares recent drafted and plain steps,
+and an open gate makes no plain ones, so while the predicted gain is below ``explore_below``
+every ``explore_every``-th step decodes plainly (every 4th until the premium is first learned):
+at 16 clients, one step in 16 without drafts costs at most the gain it forgoes, under 1%.
+
 A closed gate learns nothing new (no confidences, no draft times), so
 after ``probe_every`` consecutive skipped steps it lets one request draft anyway (a probe costing
 one request's draft): an unlucky first block or a draft time measured while the machine was busy
@@ -79,7 +85,7 @@ class DraftGate:
 
     def __init__(self, cost: CostProfile, block_size: int, smooth: bool = True, momentum: float = 0.9,
                  probe_every: int = 16, max_probe_every: int = 256, min_gain: float = 1.05,
-                 adaptive_depth: bool = True) -> None:
+                 adaptive_depth: bool = True, explore_every: int = 16, explore_below: float = 1.5) -> None:
         self.cost = cost
         self.min_gain = min_gain
         self.adaptive_depth = adaptive_depth
@@ -90,6 +96,9 @@ class DraftGate:
         self.max_probe_every = max(max_probe_every, probe_every)
         self.probe_wait = probe_every  # skipped steps before the next probe (backs off)
         self.skipped_in_a_row = 0
+        self.explore_every = explore_every
+        self.explore_below = explore_below
+        self.drafted_in_a_row = 0
         self.prior: np.ndarray | None = None  # mean calibrated c_k, None until a block is seen
         self.seen = np.zeros(block_size)  # blocks that reached each position (shallow drafts stop early)
         self.timer = DraftTimer()
@@ -126,6 +135,7 @@ class DraftGate:
         k = np.arange(len(tau))
         verify_ms = np.asarray(self.cost.step_time_ms(load.base_tokens + num_requests + k, self.smooth))
         plain = num_requests / float(verify_ms[0])
+        verify_ms[1:] *= self.cost.verify_premium or 1.0
         out = np.zeros(self.block_size)
         for depth in range(1, self.block_size + 1):
             upto = min(num_requests * depth, len(tau) - 1)  # k <= R * D drafted tokens fit
@@ -152,6 +162,11 @@ class DraftGate:
         if gains[best] > self.min_gain:
             self.skipped_in_a_row = 0
             self.probe_wait = self.probe_every
+            self.drafted_in_a_row += 1
+            every = self.explore_every if self.cost.verify_premium is not None else min(4, self.explore_every)
+            if gains[best] < self.explore_below and self.drafted_in_a_row >= every:
+                self.drafted_in_a_row = 0  # an exploration step: plain, to keep the plain cost current
+                return DraftPlan(0, self.block_size)
             return DraftPlan(num_requests, best + 1)
         if self.skipped_in_a_row >= self.probe_wait:
             self.skipped_in_a_row = 0

@@ -111,10 +111,11 @@ class VerifyLengthScheduler:
         if self.gate is not None and confidence is not None:
             self.gate.observe(confidence, draft_ms)
 
-    def observe_step(self, num_tokens: int, step_ms: float) -> None:
-        """Feed an engine step's wall time (drafting excluded) to the step-cost estimator."""
+    def observe_step(self, num_tokens: int, step_ms: float, verified_drafts: int = 0) -> None:
+        """Feed an engine step's wall time (drafting excluded) and how many draft tokens it
+        verified to the step-cost estimator."""
         if self.step_cost is not None:
-            self.step_cost.observe(num_tokens, step_ms)
+            self.step_cost.observe(num_tokens, step_ms, verified_drafts)
 
     def check_drafter(self, has_confidence_head: bool) -> None:
         """One rule for every engine: only the fixed policy runs without a confidence head."""

@@ -4,13 +4,20 @@ A cost profile times bare target forwards of N tokens (an N-token prefill in a p
 engine, on whatever state the machine was in that day). A served step costs more, and the
 factor is what the length policies and the draft gate need, because they weigh the drafter's
 *measured* wall time against the target's step time. On the 2-core CPU at 16 clients the served
-step (the wall time between two proposer calls, drafting excluded) took 2.8-3.4x the profiled
-forward for N = 16..128 tokens, and 2.3-2.5x at N = 4-8: one pinned worker thread, the LM head
-and sampler over every verified token (a prefill profile computes one row of logits), the
-engine core's turnaround, and a machine slower than on the day of the profile.
+step (the wall time between two proposer calls, drafting excluded) took 2.8-3.4x a prefill-only
+profile for N = 16..128 tokens, 2.3-2.5x at N = 4-8, and ~1.6x the profile that also times the
+logits of every position (``startup_profile.with_logits_for_every_token``): one pinned worker
+thread, the sampler, the engine core's turnaround, a machine slower than on profiling day.
 
 The model is multiplicative, served(N) = scale * profiled(N), with ``scale`` the median of
-served / profiled over the last ``window`` steps at any batch size. An additive per-step
+served / profiled over the last ``window`` plain steps (no drafts verified) at any batch size.
+
+Steps that verify drafts get their own median, and their ratio to the plain one is the
+``verify_premium`` the draft gate charges a drafted step. It is more than the profile's
+slope: at 16 clients on the 2-core CPU a step verifying ~13 drafts took 372 ms against 246 ms
+for a plain 16-token step, ~9.6 ms per verified draft where the scaled profile predicted ~5
+(vLLM's spec-decode bookkeeping and rejection sampling, the context the drafter ingests per
+accepted token), so the gate opened on a predicted 5-10% gain that came out as 0.94x. An additive per-step
 overhead (this module's previous design) fits small batches but flattens the curve when learned
 from big ones (60 ms on top of a 62 ms forward for 16 tokens made each extra token look half as
 dear as it is, and drafting at 16 clients cost 10-15% throughput); a scale keeps the profile's
@@ -34,19 +41,32 @@ class StepCostEstimator:
 
     def __init__(self, cost: CostProfile, window: int = 64, min_samples: int = 8) -> None:
         self.cost = cost
-        self.samples: deque[float] = deque(maxlen=window)
+        self.samples: deque[float] = deque(maxlen=window)  # plain steps
+        self.verify_samples: deque[float] = deque(maxlen=window)  # steps that verified drafts
         self.min_samples = min_samples
 
-    def observe(self, num_tokens: int, step_ms: float) -> None:
-        """One engine step that processed ``num_tokens`` tokens took ``step_ms`` of wall time
-        (drafting excluded)."""
+    def observe(self, num_tokens: int, step_ms: float, verified_drafts: int = 0) -> None:
+        """One engine step that processed ``num_tokens`` tokens, ``verified_drafts`` of them
+        draft tokens, took ``step_ms`` of wall time (drafting excluded)."""
         if 1 <= num_tokens <= self.cost.max_tokens and step_ms > 0:
-            self.samples.append(step_ms / self.cost.forward_ms(num_tokens))
+            ratio = step_ms / self.cost.forward_ms(num_tokens)
+            (self.verify_samples if verified_drafts > 0 else self.samples).append(ratio)
         self.cost.scale = self.learned_scale
+        self.cost.verify_premium = self.learned_premium
 
     @property
     def learned_scale(self) -> float:
-        """Median served/profiled ratio of the recent steps (1.0 until ``min_samples`` are seen)."""
-        if len(self.samples) < self.min_samples:
-            return 1.0
-        return float(np.median(self.samples))
+        """Median served/profiled ratio of recent plain steps; of all recent steps while fewer
+        than ``min_samples`` plain ones exist; 1.0 until ``min_samples`` steps are seen."""
+        if len(self.samples) >= self.min_samples:
+            return float(np.median(self.samples))
+        both = list(self.samples) + list(self.verify_samples)
+        return float(np.median(both)) if len(both) >= self.min_samples else 1.0
+
+    @property
+    def learned_premium(self) -> float | None:
+        """Median ratio of drafted steps / of plain steps (None until each has ``min_samples``),
+        kept within [0.5, 4] so a burst of odd steps cannot flip every decision."""
+        if len(self.samples) < self.min_samples or len(self.verify_samples) < self.min_samples:
+            return None
+        return float(np.clip(np.median(self.verify_samples) / np.median(self.samples), 0.5, 4.0))

@@ -16,7 +16,9 @@ Exported series (position k = 0-based draft index):
   (what vLLM verifies); ``dspark:admitted_draft_tokens_per_step`` their ratio;
   ``dspark:gated_steps_total`` steps the draft gate skipped (load too high for drafting to pay);
   ``dspark:served_cost_scale`` the learned ratio of served step time to the profiled forward
-  (multiplies the cost curve; see ``scheduler/step_cost.py``).
+  (multiplies the cost curve; see ``scheduler/step_cost.py``); ``dspark:verify_step_premium``
+  the learned extra cost of a step that verifies drafts over a plain one (the draft gate
+  charges it; 1.0 until learned).
 * ``dspark:position_reached_total{position}`` drafts at k verified after an accepted prefix,
   ``dspark:position_accepted_total{position}`` those accepted, and
   ``dspark:conditional_acceptance{position}`` = accepted / reached (paper Fig. 2).
@@ -45,6 +47,7 @@ class DSparkStats:
         self.steps = 0
         self.gated = 0
         self.cost_scale = 1.0
+        self.verify_premium = 1.0
         self.drafted = 0
         self.admitted = 0
         self.reached = [0] * block_size
@@ -76,7 +79,7 @@ class DSparkStats:
 
     def snapshot(self) -> dict:
         return {"block_size": self.block_size, "steps": self.steps, "gated": self.gated, "drafted": self.drafted,
-                "cost_scale": self.cost_scale,
+                "cost_scale": self.cost_scale, "verify_premium": self.verify_premium,
                 "admitted": self.admitted, "reached": self.reached, "accepted": self.accepted,
                 "confidence_sum": self.confidence_sum}
 
@@ -109,6 +112,7 @@ def merge_snapshots(folder: Path) -> dict | None:
         for key in ("steps", "gated", "drafted", "admitted"):
             total[key] = total.get(key, 0) + snap.get(key, 0)
         total["cost_scale"] = max(total.get("cost_scale", 1.0), snap.get("cost_scale", 1.0))
+        total["verify_premium"] = max(total.get("verify_premium", 1.0), snap.get("verify_premium", 1.0))
         for key in ("reached", "accepted", "confidence_sum"):
             total[key] = [a + b for a, b in zip(total[key], snap[key])]
     return total
@@ -141,6 +145,10 @@ class DSparkCollector:
                                   "forward time (multiplies the cost curve)")
         scale.add_metric([], float(snap.get("cost_scale", 1.0)))
         yield scale
+        premium = GaugeMetricFamily(PREFIX + "verify_step_premium", "learned served cost of a step verifying drafts / "
+                                    "of a plain step (charged by the draft gate; 1.0 until learned)")
+        premium.add_metric([], float(snap.get("verify_premium", 1.0)))
+        yield premium
         reached = CounterMetricFamily(PREFIX + "position_reached", "drafts at position k verified after an accepted prefix",
                                       labels=["position"])
         accepted = CounterMetricFamily(PREFIX + "position_accepted", "drafts at position k accepted", labels=["position"])

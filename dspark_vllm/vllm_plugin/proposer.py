@@ -134,6 +134,7 @@ class DSparkV1Proposer:
         # per request: calibrated confidences of the drafts handed to vLLM last step
         self.pending: dict[str, list[float]] = {}
         self._step_end: float | None = None  # when propose_step last returned (step timing)
+        self._handed_out = 0  # draft tokens handed to vLLM by the last call (verified next step)
         self._warmed_up = False  # first draft pays one-off costs; keep them out of the timer
         logger.info("DSpark proposer: %s, block %d, policy %s", checkpoint, self.block_size,
                     self.settings.scheduler.policy)
@@ -189,11 +190,13 @@ class DSparkV1Proposer:
 
         The time since the previous call is one engine step without our drafting; it goes to the
         scheduler's step-cost estimator together with the tokens that step processed."""
-        if self._step_end is not None:
+        if self._step_end is not None:  # that step verified the drafts handed out last call
             self.scheduler.observe_step(int(scheduler_output.total_num_scheduled_tokens),
-                                        (time.perf_counter() - self._step_end) * 1000.0)
+                                        (time.perf_counter() - self._step_end) * 1000.0, self._handed_out)
             if self.scheduler.step_cost is not None:  # observe_step just wrote it; no second median
                 self.stats.cost_scale = self.scheduler.step_cost.cost.scale
+                self.stats.verify_premium = self.scheduler.step_cost.cost.verify_premium or 1.0
+        self._handed_out = 0
         try:
             return self._propose_step(runner, scheduler_output, sampled_token_ids, aux_hidden_states)
         finally:
@@ -250,7 +253,7 @@ class DSparkV1Proposer:
             depth = plan.depth or self.block_size
         self.context.flush([row for _, row in draft_ids] + self.context.full_rows())
         draft_rows = torch.tensor([row for _, row in draft_ids])
-        view = self.cache.rows_view(draft_rows)
+        view = self.cache.rows_view(draft_rows, spare=depth)
         anchor = torch.tensor(anchors, dtype=torch.long)
         temperature = self._draft_temperatures(runner, [i for i, _ in draft_ids])
         seeds = torch.randint(0, 2**31 - 1, (len(anchors),), generator=self.seed_gen)
@@ -281,6 +284,7 @@ class DSparkV1Proposer:
             if n > 0:
                 self.pending[req_ids[i]] = conf[j, : int(n)].tolist() if conf is not None else [float("nan")] * int(n)
         self.stats.record_step(len(draft_ids) * depth, [int(n) for n in lengths])
+        self._handed_out = int(sum(int(n) for n in lengths))
         self.stats.maybe_flush()
         return out
 
@@ -301,7 +305,7 @@ class DSparkV1Proposer:
         runs += [(sizes[-1], d) for d in SHALLOW_TIMING_DEPTHS if d < self.block_size]
         for size, depth in runs:
             pick = torch.arange(size) % len(rows)
-            view = self.cache.rows_view(rows[pick])
+            view = self.cache.rows_view(rows[pick], spare=depth)
             seeds = torch.randint(0, 2**31 - 1, (size,), generator=self.seed_gen)
             t0 = time.perf_counter()
             block = self.drafter.propose(anchor[pick], view, temperature[pick], fused=self.drafter.can_fuse_sampling,

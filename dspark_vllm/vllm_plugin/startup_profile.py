@@ -4,8 +4,9 @@ The load-aware policies need step time vs tokens for *this* engine on *this* mac
 option is on, the plugin (in the API-server process, before vLLM starts the engine) runs a
 short-lived plain vLLM engine in a child process, times forwards of N tokens (an N-token
 prefill with one output token, median of a few repeats) over a grid up to
-``profile_max_tokens``, and caches the profile under ``$DSPARK_VLLM_CACHE/profiles`` keyed by
-target, vLLM version and host; later starts reuse it. Run as a script it is that child.
+``profile_max_tokens``, adds what the prefill leaves out (see :func:`with_logits_for_every_token`),
+and caches the profile under ``$DSPARK_VLLM_CACHE/profiles`` keyed by target, vLLM version and
+host; later starts reuse it. Run as a script it is that child.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from pathlib import Path
 
 ENV_COST_PROFILE = "DSPARK_VLLM_COST_PROFILE"
 GRID = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+# Part of the cache key: profiles measured by an older recipe are measured again.
+PROFILE_RECIPE = "prefill+logits-v2"
 
 
 def cached_profile_path(target: str, max_tokens: int) -> Path:
     from ..targets import cache_root
     from . import vllm_version
 
-    key = json.dumps([str(Path(target).resolve()), vllm_version(), platform.node(), os.cpu_count(), max_tokens])
+    key = json.dumps([str(Path(target).resolve()), vllm_version(), platform.node(), os.cpu_count(), max_tokens,
+                      PROFILE_RECIPE])
     name = f"{Path(target).name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
     return cache_root() / "profiles" / name
 
@@ -65,9 +69,63 @@ def _child(target: str, max_tokens: int, out: str, dtype: str) -> None:
         ids = rng.integers(100, vocab - 1, size=n).tolist()
         llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
 
-    prof = profile_step_times(forward, [t for t in GRID if t <= max_tokens], repeats=3)
-    prof.device = f"vllm {platform.machine()} {os.cpu_count()} cpus: {target}"
+    grid = [t for t in GRID if t <= max_tokens]
+    prof = profile_step_times(forward, grid, repeats=3)
+    logits_ms = llm.apply_model(_logits_timer(grid, repeats=5))[0]
+    prof = with_logits_for_every_token(prof, logits_ms)
+    prof.device = f"vllm {platform.machine()} {os.cpu_count()} cpus: {target} ({PROFILE_RECIPE})"
     prof.save(out)
+
+
+def with_logits_for_every_token(prefill, logits_ms: list[float]):
+    """The step-cost curve of a verification step from a prefill profile.
+
+    A prefill of N tokens computes logits for its last position only; a step that verifies
+    drafts (or decodes N requests) computes them for all N positions. On a CPU that difference
+    is most of the marginal cost of a verified token: SmolLM2's LM head (49,152 x 576) is a
+    fifth of its weights. Left out, the served cost scale (learned on decode steps) stretched
+    the 1-logit curve's slope instead, and the draft gate priced a verified token at about half
+    of what it cost. ``logits_ms[i]`` is the time to compute logits for ``prefill.tokens[i]``
+    rows; the result adds logits_ms[i] - logits_ms[at 1 row] to every point."""
+    from dspark_vllm.scheduler import CostProfile
+
+    if len(logits_ms) != len(prefill.tokens) or prefill.tokens[0] != 1:
+        raise ValueError("logits times must cover the profile's token grid, starting at 1 token")
+    one = logits_ms[0]
+    return CostProfile(tokens=list(prefill.tokens), step_ms=[ms + max(lg - one, 0.0) for ms, lg in
+                                                            zip(prefill.step_ms, logits_ms)],
+                       device=prefill.device)
+
+
+def _logits_timer(grid: list[int], repeats: int):
+    """A function for ``LLM.apply_model``: median ms of ``model.compute_logits`` on n rows of
+    random hidden states, for each n in ``grid`` (the LM head and vLLM's logits processor)."""
+
+    def run(model) -> list[float]:
+        import time
+
+        import numpy as np
+        import torch
+
+        weight = next(model.parameters())
+        hidden = model.config.hidden_size
+        sync = torch.cuda.synchronize if weight.is_cuda else (lambda: None)
+        out = []
+        with torch.no_grad():
+            for n in grid:
+                x = torch.randn(n, hidden, dtype=weight.dtype, device=weight.device)
+                model.compute_logits(x)
+                samples = []
+                for _ in range(repeats):
+                    sync()
+                    t0 = time.perf_counter()
+                    model.compute_logits(x)
+                    sync()
+                    samples.append((time.perf_counter() - t0) * 1000.0)
+                out.append(float(np.median(samples)))
+        return out
+
+    return run
 
 
 if __name__ == "__main__":
