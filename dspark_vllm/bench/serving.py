@@ -13,9 +13,10 @@ the DSpark counters the server moved during it (drafted and gated steps, admitte
 
 Why this shape, on a shared 2-core machine: (1) its speed drifts, so runs of one concurrency
 are adjacent in time (seconds apart, not a whole server's run apart) and every other round
-mirrors the order (A B C, C B A), and ``--repeats N`` drives each concurrency N times per round,
-mirroring the order each time (A B, B A: a drift that is linear over the pair cancels); (2) two instances of the *same* server can differ by about 10%
-in engine step time for their whole life (vLLM's own iteration timings: 205 vs 183 ms median
+mirrors the order (A B C, C B A), and ``--repeats N`` drives each concurrency N times per
+round, mirroring the order each time (A B, B A: a drift that is linear over the pair cancels);
+(2) two instances of the *same* server can differ by about 10% in engine step time for their
+whole life (vLLM's own iteration timings: 205 vs 183 ms median
 for identical 16-request decode steps), so every round starts fresh servers and ``--rounds N``
 averages N instances of each. Each configuration's runs are pooled (total tokens over total
 wall time); the ratio of every run to the no-speculation run beside it (same round and repeat) is

@@ -17,8 +17,9 @@ Steps that verify drafts get their own median, and their ratio to the plain one 
 slope: at 16 clients on the 2-core CPU a step verifying ~13 drafts took 372 ms against 246 ms
 for a plain 16-token step, ~9.6 ms per verified draft where the scaled profile predicted ~5
 (vLLM's spec-decode bookkeeping and rejection sampling, the context the drafter ingests per
-accepted token), so the gate opened on a predicted 5-10% gain that came out as 0.94x. An additive per-step
-overhead (this module's previous design) fits small batches but flattens the curve when learned
+accepted token), so the gate opened on a predicted 5-10% gain that came out as 0.94x.
+
+An additive per-step overhead (this module's previous design) fits small batches but flattens the curve when learned
 from big ones (60 ms on top of a 62 ms forward for 16 tokens made each extra token look half as
 dear as it is, and drafting at 16 clients cost 10-15% throughput); a scale keeps the profile's
 shape and changes only how the target's steps compare with the drafter's measured time. The

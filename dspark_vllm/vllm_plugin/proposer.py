@@ -283,8 +283,9 @@ class DSparkV1Proposer:
             out[i] = toks[: int(n)]
             if n > 0:
                 self.pending[req_ids[i]] = conf[j, : int(n)].tolist() if conf is not None else [float("nan")] * int(n)
-        self.stats.record_step(len(draft_ids) * depth, [int(n) for n in lengths])
-        self._handed_out = int(sum(int(n) for n in lengths))
+        kept = [int(n) for n in lengths]
+        self.stats.record_step(len(draft_ids) * depth, kept)
+        self._handed_out = sum(kept)
         self.stats.maybe_flush()
         return out
 
