@@ -54,3 +54,27 @@ def test_vllm_profile_adds_logits_for_every_verified_token():
     assert decode.forward_ms(32) - decode.forward_ms(16) == 50.0  # was 20: plus 30 ms of logits for 16 rows
     with pytest.raises(ValueError, match="token grid"):
         with_logits_for_every_token(prefill, [5.0, 35.0])
+
+
+def test_logits_timer_times_compute_logits_at_every_grid_size():
+    """The function handed to ``LLM.apply_model`` calls the model's ``compute_logits`` on n rows
+    of its hidden size for each grid size (warm-up + repeats) and returns one time per size."""
+    import torch
+
+    from dspark_vllm.vllm_plugin.startup_profile import _logits_timer
+
+    class TinyLM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(8, 32, bias=False)
+            self.config = type("Config", (), {"hidden_size": 8})()
+            self.rows_seen: list[int] = []
+
+        def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+            self.rows_seen.append(hidden.shape[0])
+            return self.head(hidden)
+
+    model = TinyLM()
+    times = _logits_timer([1, 4, 16], repeats=3)(model)
+    assert len(times) == 3 and all(ms > 0 for ms in times)
+    assert model.rows_seen == [1] * 4 + [4] * 4 + [16] * 4  # one warm-up and three timed calls each

@@ -99,31 +99,21 @@ def with_logits_for_every_token(prefill, logits_ms: list[float]):
 
 def _logits_timer(grid: list[int], repeats: int):
     """A function for ``LLM.apply_model``: median ms of ``model.compute_logits`` on n rows of
-    random hidden states, for each n in ``grid`` (the LM head and vLLM's logits processor)."""
+    random hidden states, for each n in ``grid`` (the LM head and vLLM's logits processor),
+    timed by the same loop as the forward profile."""
 
     def run(model) -> list[float]:
-        import time
-
-        import numpy as np
         import torch
 
+        from dspark_vllm.scheduler import profile_step_times
+
         weight = next(model.parameters())
-        hidden = model.config.hidden_size
-        sync = torch.cuda.synchronize if weight.is_cuda else (lambda: None)
-        out = []
+        rows = {n: torch.randn(n, model.config.hidden_size, dtype=weight.dtype, device=weight.device) for n in grid}
+        sync = torch.cuda.synchronize if weight.is_cuda else None
         with torch.no_grad():
-            for n in grid:
-                x = torch.randn(n, hidden, dtype=weight.dtype, device=weight.device)
-                model.compute_logits(x)
-                samples = []
-                for _ in range(repeats):
-                    sync()
-                    t0 = time.perf_counter()
-                    model.compute_logits(x)
-                    sync()
-                    samples.append((time.perf_counter() - t0) * 1000.0)
-                out.append(float(np.median(samples)))
-        return out
+            timed = profile_step_times(lambda n: model.compute_logits(rows[n]), grid, repeats=repeats,
+                                       progress=False, sync=sync)
+        return list(timed.step_ms)
 
     return run
 
