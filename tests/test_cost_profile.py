@@ -61,7 +61,7 @@ def test_logits_timer_times_compute_logits_at_every_grid_size():
     of its hidden size for each grid size (warm-up + repeats) and returns one time per size."""
     import torch
 
-    from dspark_vllm.vllm_plugin.startup_profile import _logits_timer
+    from dspark_vllm.vllm_plugin.startup_profile import LogitsTimer
 
     class TinyLM(torch.nn.Module):
         def __init__(self) -> None:
@@ -75,6 +75,25 @@ def test_logits_timer_times_compute_logits_at_every_grid_size():
             return self.head(hidden)
 
     model = TinyLM()
-    times = _logits_timer([1, 4, 16], repeats=3)(model)
+    times = LogitsTimer([1, 4, 16], repeats=3)(model)
     assert len(times) == 3 and all(ms > 0 for ms in times)
     assert model.rows_seen == [1] * 4 + [4] * 4 + [16] * 4  # one warm-up and three timed calls each
+
+
+def test_profile_child_times_the_served_worker_process(tmp_path, monkeypatch):
+    """``vllm serve`` runs the model in a pinned worker process; the profiling child must too
+    (an in-process engine times a machine with more threads). Its logits timer must survive
+    the trip to that worker: the child allows pickling, and the timer pickles."""
+    import pickle
+    import subprocess
+
+    from dspark_vllm.vllm_plugin import startup_profile
+
+    seen = {}
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check, env: seen.update(cmd=cmd, env=env))
+    startup_profile.measure_profile("/models/t", 64, tmp_path / "p.json")
+    assert seen["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    assert seen["env"]["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
+    assert seen["cmd"][1:] == [startup_profile.__file__, "/models/t", "64", str(tmp_path / "p.json"), "auto"]
+    timer = pickle.loads(pickle.dumps(startup_profile.LogitsTimer([1, 8], repeats=2)))
+    assert (timer.grid, timer.repeats) == ([1, 8], 2)

@@ -3,21 +3,25 @@
 A cost profile times bare target forwards of N tokens (an N-token prefill in a profiling
 engine, on whatever state the machine was in that day). A served step costs more, and the
 factor is what the length policies and the draft gate need, because they weigh the drafter's
-*measured* wall time against the target's step time. On the 2-core CPU at 16 clients the served
-step (the wall time between two proposer calls, drafting excluded) took 2.8-3.4x a prefill-only
-profile for N = 16..128 tokens, 2.3-2.5x at N = 4-8, and ~1.6x the profile that also times the
-logits of every position (``startup_profile.with_logits_for_every_token``): one pinned worker
-thread, the sampler, the engine core's turnaround, a machine slower than on profiling day.
+*measured* wall time against the target's step time. On the 2-core CPU at 16 clients a served
+plain step took 1.11-1.14x a profile timed in vLLM's pinned worker process (``startup_profile``:
+the API server and the clients share the worker's cores, and each step crosses the engine
+core's process boundary). Against the earlier profile, timed in-process with two threads, it
+was ~1.6 two days before and 1.04-1.07 on the same day: the machine's speed drifts, which is
+why the factor is learned rather than configured.
 
 The model is multiplicative, served(N) = scale * profiled(N), with ``scale`` the median of
 served / profiled over the last ``window`` plain steps (no drafts verified) at any batch size.
 
 Steps that verify drafts get their own median, and their ratio to the plain one is the
-``verify_premium`` the draft gate charges a drafted step. It is more than the profile's
-slope: at 16 clients on the 2-core CPU a step verifying ~13 drafts took 372 ms against 246 ms
-for a plain 16-token step, ~9.6 ms per verified draft where the scaled profile predicted ~5
-(vLLM's spec-decode bookkeeping and rejection sampling, the context the drafter ingests per
-accepted token), so the gate opened on a predicted 5-10% gain that came out as 0.94x.
+``verify_premium`` the draft gate charges a drafted step: whatever verifying costs beyond the
+profile's slope (vLLM's spec-decode bookkeeping and rejection sampling, the context the drafter
+ingests per accepted token). It was 1.17-1.34 while profiles were timed with two threads in the
+calling process: their per-token slope was too flat for the one-thread served worker, and a gate
+blind to the difference opened at 16 clients on a predicted 5-10% gain that came out as 0.94x.
+Against a profile of the served worker it is 1.04 at the end of the serving benchmark's rounds
+(1.09-1.11 with the in-process profile the same day), and 1.02-1.03 at 2-16 requests alike in
+a single-process engine (one pinned thread).
 
 An additive per-step overhead (this module's previous design) fits small batches but flattens the curve when learned
 from big ones (60 ms on top of a 62 ms forward for 16 tokens made each extra token look half as

@@ -7,6 +7,10 @@ prefill with one output token, median of a few repeats) over a grid up to
 ``profile_max_tokens``, adds what the prefill leaves out (see :func:`with_logits_for_every_token`),
 and caches the profile under ``$DSPARK_VLLM_CACHE/profiles`` keyed by target, vLLM version and
 host; later starts reuse it. Run as a script it is that child.
+
+The child keeps vLLM's multiprocessing executor on (as ``vllm serve`` does): on CPU that worker
+process is pinned to its own cores with its own OpenMP thread count, and an in-process engine
+would time a different machine (more threads, a cheaper per-token slope) than the one serving.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 ENV_COST_PROFILE = "DSPARK_VLLM_COST_PROFILE"
 GRID = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 # Part of the cache key: profiles measured by an older recipe are measured again.
-PROFILE_RECIPE = "prefill+logits-v2"
+PROFILE_RECIPE = "prefill+logits-mp-worker-v3"
 
 
 def cached_profile_path(target: str, max_tokens: int) -> Path:
@@ -47,8 +51,10 @@ def measure_profile(target: str, max_tokens: int, out: Path, dtype: str = "auto"
     """Run the profiling child (a plain vLLM engine in its own process) and write ``out``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, __file__, target, str(max_tokens), str(out), dtype], check=True,
-                   env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    # Multiprocessing on: time the pinned worker ``vllm serve`` uses. Pickle allowed in this
+    # child only, so ``apply_model`` can ship the logits timer to that worker.
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    subprocess.run([sys.executable, __file__, target, str(max_tokens), str(out), dtype], check=True, env=env)
     return out
 
 
@@ -71,7 +77,10 @@ def _child(target: str, max_tokens: int, out: str, dtype: str) -> None:
 
     grid = [t for t in GRID if t <= max_tokens]
     prof = profile_step_times(forward, grid, repeats=3)
-    logits_ms = llm.apply_model(_logits_timer(grid, repeats=5))[0]
+    # imported by its package name (this file runs as __main__), so the worker can unpickle it
+    from dspark_vllm.vllm_plugin.startup_profile import LogitsTimer
+
+    logits_ms = llm.apply_model(LogitsTimer(grid, repeats=5))[0]
     prof = with_logits_for_every_token(prof, logits_ms)
     prof.device = f"vllm {platform.machine()} {os.cpu_count()} cpus: {target} ({PROFILE_RECIPE})"
     prof.save(out)
@@ -97,25 +106,28 @@ def with_logits_for_every_token(prefill, logits_ms: list[float]):
                        device=prefill.device)
 
 
-def _logits_timer(grid: list[int], repeats: int):
-    """A function for ``LLM.apply_model``: median ms of ``model.compute_logits`` on n rows of
-    random hidden states, for each n in ``grid`` (the LM head and vLLM's logits processor),
-    timed by the same loop as the forward profile."""
+class LogitsTimer:
+    """Handed to ``LLM.apply_model``: median ms of ``model.compute_logits`` on n rows of random
+    hidden states for each n in ``grid`` (the LM head and vLLM's logits processor), timed by the
+    same loop as the forward profile. A module-level class, so the engine can pickle it to a
+    worker process."""
 
-    def run(model) -> list[float]:
+    def __init__(self, grid: list[int], repeats: int) -> None:
+        self.grid, self.repeats = list(grid), repeats
+
+    def __call__(self, model) -> list[float]:
         import torch
 
         from dspark_vllm.scheduler import profile_step_times
 
         weight = next(model.parameters())
-        rows = {n: torch.randn(n, model.config.hidden_size, dtype=weight.dtype, device=weight.device) for n in grid}
+        rows = {n: torch.randn(n, model.config.hidden_size, dtype=weight.dtype, device=weight.device)
+                for n in self.grid}
         sync = torch.cuda.synchronize if weight.is_cuda else None
         with torch.no_grad():
-            timed = profile_step_times(lambda n: model.compute_logits(rows[n]), grid, repeats=repeats,
+            timed = profile_step_times(lambda n: model.compute_logits(rows[n]), self.grid, repeats=self.repeats,
                                        progress=False, sync=sync)
         return list(timed.step_ms)
-
-    return run
 
 
 if __name__ == "__main__":
