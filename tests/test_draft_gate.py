@@ -166,6 +166,43 @@ def test_an_open_gate_with_a_marginal_gain_explores_plain_steps():
     assert all(gate.plan(4).requests == 4 for _ in range(32))
 
 
+def _simulate_served_gate(learn_premium: bool, steps: int = 200) -> list[int]:
+    """16 requests on a CPU-like target (50 + 4 ms per token) behind a gate that believes the
+    synthetic roofline (flat to 64 tokens); drafts survive at 0.7 and cost 1.2 ms a position, so
+    no depth pays (depth 1: 27.2 tokens per 197 ms against 16 per 114 ms). Returns the number
+    of requests drafting in each step."""
+    from dspark_vllm.scheduler.step_cost import StepCostEstimator
+
+    cost = CostProfile.synthetic()
+    est = StepCostEstimator(cost)
+    gate = DraftGate(cost, block_size=4, learn_premium=learn_premium)
+    served = lambda tokens: 50.0 + 4.0 * tokens  # noqa: E731
+    drafting = []
+    for _ in range(steps):
+        plan = gate.plan(16)
+        drafting.append(plan.requests)
+        if plan.requests:
+            depth = plan.depth or 4
+            gate.observe(np.full((plan.requests, depth), 0.7), draft_ms=1.2 * plan.requests * depth)
+            drafts = plan.requests * depth
+            est.observe(16 + drafts, served(16 + drafts), verified_drafts=drafts)
+        else:
+            est.observe(16, served(16))
+    return drafting
+
+
+def test_gate_learns_the_premium_before_trusting_a_wrong_cost_curve():
+    """A flat profile makes verification look free, so the gate opens; without plain steps the
+    scale is learned from drafted steps alone and it stays open for good. Exploring every 4th
+    step until the premium is known closes it (probes only afterwards)."""
+    blind = _simulate_served_gate(learn_premium=False)
+    assert all(n == 16 for n in blind[100:])
+    learning = _simulate_served_gate(learn_premium=True)
+    assert sum(n == 0 for n in learning[:40]) >= 8  # plain samples for the premium
+    assert sum(n > 0 for n in learning[100:]) <= 4  # then closed: at most a few one-request probes
+    assert max(learning[100:]) <= 1
+
+
 def test_a_slower_served_step_makes_a_closed_gate_open():
     """The drafter's time is measured, the target's is profiled: once served steps are known to
     be 2x the profile, the same drafts can pay."""

