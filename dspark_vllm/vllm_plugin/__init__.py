@@ -10,6 +10,8 @@ this vLLM API surface (listed in the README; keep it small):
 * ``GPUModelRunner.__init__`` / ``_get_eagle3_aux_layers_from_config`` (wrapped): turn on the
   target's aux-hidden-state outputs at the checkpoint's ``target_layer_ids``.
 * ``GPUModelRunner.propose_draft_token_ids`` (wrapped): hand our proposer the aux hidden states.
+* ``GPUModelRunner._sample`` (wrapped): a step whose batch holds no drafts (the draft gate's
+  plain steps) samples as vLLM does without speculation, skipping the rejection sampler.
 
 It also registers a prometheus_client collector for DSpark's own metrics (see ``metrics``).
 """

@@ -108,13 +108,30 @@ def _is_ours(runner) -> bool:
     return isinstance(getattr(runner, "drafter", None), DSparkV1Proposer)
 
 
+def _plain_sampling_suffices(spec_decode_metadata, sampling_metadata) -> bool:
+    """True when a step verifies no drafts at all and plain sampling gives the same output.
+
+    With a speculative config vLLM's V1 runner sends *every* step through the rejection
+    sampler, even one without a single draft token (the draft gate's plain-decoding steps):
+    the same one token per request, sampled by the same sampler from the same logits, but via
+    extra clones, a bonus-token pass and a Triton-interpreter rejection kernel, ~1 ms of a
+    ~120 ms 16-request step on the 2-core CPU. Logprob requests and thinking budgets keep the
+    rejection path (their outputs are laid out for it)."""
+    if max(spec_decode_metadata.num_draft_tokens, default=0) != 0:
+        return False
+    if sampling_metadata.max_num_logprobs is not None or getattr(sampling_metadata, "logprob_token_ids", None):
+        return False
+    holder = getattr(sampling_metadata, "thinking_budget_state_holder", None)
+    return holder is None or not holder.has_tracked_requests()
+
+
 def _wrap_model_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if getattr(GPUModelRunner, "_dspark_wrapped", False):
         return
-    init, aux_layers, propose = (GPUModelRunner.__init__, GPUModelRunner._get_eagle3_aux_layers_from_config,
-                                 GPUModelRunner.propose_draft_token_ids)
+    init, aux_layers, propose, sample = (GPUModelRunner.__init__, GPUModelRunner._get_eagle3_aux_layers_from_config,
+                                         GPUModelRunner.propose_draft_token_ids, GPUModelRunner._sample)
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
@@ -141,7 +158,15 @@ def _wrap_model_runner() -> None:
                        sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
                        slot_mappings)
 
+    @functools.wraps(sample)
+    def _sample(self, logits, spec_decode_metadata, *args, **kwargs):
+        if spec_decode_metadata is not None and _is_ours(self) and _plain_sampling_suffices(
+                spec_decode_metadata, self.input_batch.sampling_metadata):
+            spec_decode_metadata = None
+        return sample(self, logits, spec_decode_metadata, *args, **kwargs)
+
     GPUModelRunner.__init__ = __init__
+    GPUModelRunner._sample = _sample
     GPUModelRunner._get_eagle3_aux_layers_from_config = _get_eagle3_aux_layers_from_config
     GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
     GPUModelRunner._dspark_wrapped = True
