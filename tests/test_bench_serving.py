@@ -69,3 +69,19 @@ def test_paired_ratios_divide_by_the_baseline_run_of_the_same_round_and_repeat()
             dict(_run("la", 4, 0, 90, 10, {}), repeat=0)]  # another concurrency: no baseline, not paired
     assert paired_ratios(runs, "la", 16) == [1.2, 9.0 / 20.0]
     assert paired_ratios(runs, "la", 4) == []
+
+
+def test_ratio_summary_is_a_geometric_mean_with_a_t_interval_that_narrows_with_runs():
+    import math
+
+    from dspark_vllm.bench.serving import ratio_summary
+
+    one = ratio_summary([1.1])
+    assert one["geomean"] == 1.1 and math.isnan(one["low"])
+    s = ratio_summary([0.8, 1.25])  # log ratios -x, +x: geometric mean exactly 1
+    assert math.isclose(s["geomean"], 1.0) and s["low"] < 0.8 and s["high"] > 1.25  # t(1 dof) = 12.7
+    noisy = [0.94, 1.02, 1.07, 0.98, 1.00, 0.96]
+    few, many = ratio_summary(noisy[:3]), ratio_summary(noisy * 4)
+    assert few["low"] < many["low"] < many["geomean"] < many["high"] < few["high"]
+    flat = ratio_summary([1.03] * 5)
+    assert math.isclose(flat["low"], flat["high"]) and math.isclose(flat["geomean"], 1.03)  # no spread, no width

@@ -24,6 +24,12 @@ listed too, so the spread is visible. Measured here: adjacent 50-second runs of 
 no-speculation servers at 16 clients differed by 4-15% (ratios 0.96, 0.95, 1.08 over three
 pairs), with no lasting difference between the two instances, so more runs per round (repeats)
 reduce the noise about as well as more rounds and cost no server start-ups.
+
+``--control`` adds a second no-speculation server (``no-spec-control``) that takes its turns
+like the others: its ratios to ``no-spec`` are what this run's noise alone produces, the
+yardstick for reading every other ratio (is 0.96 slower than 1.0, or the machine?). Each
+configuration's per-run ratios are summarised by their geometric mean and a 95% confidence
+interval (Student t over log ratios; runs are paired with the no-spec run beside them).
 """
 
 from __future__ import annotations
@@ -161,6 +167,8 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"--configs: choose from {[name for name, _, _ in configs]}, including no-spec "
                              f"(the baseline of every ratio); got {args.configs}")
         configs = [c for c in configs if c[0] in args.configs]
+    if args.control:  # next to no-spec in every turn order (see run_order)
+        configs.insert(1, ("no-spec-control", None, {}))
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
     out: dict = {"target": target, "drafter": args.drafter, "rounds": args.rounds, "repeats": args.repeats, "runs": []}
@@ -254,6 +262,24 @@ def paired_ratios(runs: list[dict], config: str, concurrency: int, base: str = "
             if r["config"] == config and r["concurrency"] == concurrency and (r["round"], r.get("repeat", 0)) in ref]
 
 
+def ratio_summary(ratios: list[float], level: float = 0.95) -> dict[str, float]:
+    """Geometric mean of paired run ratios and its ``level`` confidence interval (Student t over
+    the log ratios: run-to-run noise on this machine is multiplicative). One run: no interval."""
+    import math
+
+    logs = [math.log(x) for x in ratios]
+    n = len(logs)
+    mean = sum(logs) / n
+    out = {"runs": n, "geomean": math.exp(mean), "low": float("nan"), "high": float("nan")}
+    if n > 1:
+        from scipy.stats import t
+
+        sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
+        half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+        out.update(low=math.exp(mean - half), high=math.exp(mean + half))
+    return out
+
+
 def _ratios(out: dict) -> None:
     base = {r["concurrency"]: r for r in out["rows"] if r["config"] == "no-spec"}
     print(f"\n{'config':>18} {'c':>3} {'tok/s':>8} {'vs no-spec':>10} {'latency':>8} {'identical':>9}")
@@ -269,8 +295,10 @@ def _ratios(out: dict) -> None:
             continue
         r["ratio_per_run"] = paired_ratios(out["runs"], r["config"], r["concurrency"])
         if r["ratio_per_run"]:
+            r["ratio_summary"] = summary = ratio_summary(r["ratio_per_run"])
+            ci = (f", 95% CI {summary['low']:.2f}-{summary['high']:.2f}" if summary["runs"] > 1 else "")
             print(f"{r['config']:>18} {r['concurrency']:>3}  " + " ".join(f"{x:.2f}" for x in r["ratio_per_run"])
-                  + f"  (min {min(r['ratio_per_run']):.2f})")
+                  + f"  (min {min(r['ratio_per_run']):.2f}, geomean {summary['geomean']:.2f}{ci})")
 
 
 def plot(out: dict, path: str) -> None:
@@ -308,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="repeat everything, mirroring the config order every other time, and pool (noisy machines)")
     p.add_argument("--repeats", type=int, default=1,
                    help="drive each concurrency this many times per round, mirroring the order (A B, B A)")
+    p.add_argument("--control", action="store_true",
+                   help="add a second no-speculation server (no-spec-control): its ratios are this run's noise")
     p.add_argument("--logs", default="serving-logs")
     p.add_argument("--plot", help="PNG path")
     p.add_argument("--json", help="write rows as JSON here")
