@@ -85,3 +85,12 @@ def test_ratio_summary_is_a_geometric_mean_with_a_t_interval_that_narrows_with_r
     assert few["low"] < many["low"] < many["geomean"] < many["high"] < few["high"]
     flat = ratio_summary([1.03] * 5)
     assert math.isclose(flat["low"], flat["high"]) and math.isclose(flat["geomean"], 1.03)  # no spread, no width
+
+
+def test_both_baselines_ratio_pools_tokens_and_wall_time_of_the_two_no_spec_servers():
+    from dspark_vllm.bench.serving import both_baselines_ratio
+
+    base = {"tokens": 800, "wall_s": 10.0}  # 80 tok/s
+    control = {"tokens": 700, "wall_s": 10.0}  # 70 tok/s: pooled 75
+    assert both_baselines_ratio({"tok_s": 75.0}, base, control) == 1.0
+    assert both_baselines_ratio({"tok_s": 78.0}, base, control) > 1.0 > 78.0 / 80.0

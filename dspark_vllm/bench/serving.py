@@ -27,7 +27,8 @@ reduce the noise about as well as more rounds and cost no server start-ups.
 
 ``--control`` adds a second no-speculation server (``no-spec-control``) that takes its turns
 like the others: its ratios to ``no-spec`` are what this run's noise alone produces, the
-yardstick for reading every other ratio (is 0.96 slower than 1.0, or the machine?). Each
+yardstick for reading every other ratio (is 0.96 slower than 1.0, or the machine?), and each
+configuration is also divided by both no-spec servers pooled, a baseline of two instances. Each
 configuration's per-run ratios are summarised by their geometric mean and a 95% confidence
 interval (Student t over log ratios; runs are paired with the no-spec run beside them).
 """
@@ -280,6 +281,12 @@ def ratio_summary(ratios: list[float], level: float = 0.95) -> dict[str, float]:
     return out
 
 
+def both_baselines_ratio(row: dict, base: dict, control: dict) -> float:
+    """tokens/s of a pooled row over the two no-speculation servers pooled (total tokens over
+    total wall time): a server's speed varies by instance, and two instances average it."""
+    return row["tok_s"] / ((base["tokens"] + control["tokens"]) / (base["wall_s"] + control["wall_s"]))
+
+
 def _ratios(out: dict) -> None:
     base = {r["concurrency"]: r for r in out["rows"] if r["config"] == "no-spec"}
     print(f"\n{'config':>18} {'c':>3} {'tok/s':>8} {'vs no-spec':>10} {'latency':>8} {'identical':>9}")
@@ -299,6 +306,14 @@ def _ratios(out: dict) -> None:
             ci = (f", 95% CI {summary['low']:.2f}-{summary['high']:.2f}" if summary["runs"] > 1 else "")
             print(f"{r['config']:>18} {r['concurrency']:>3}  " + " ".join(f"{x:.2f}" for x in r["ratio_per_run"])
                   + f"  (min {min(r['ratio_per_run']):.2f}, geomean {summary['geomean']:.2f}{ci})")
+    controls = {r["concurrency"]: r for r in out["rows"] if r["config"] == "no-spec-control"}
+    if controls:
+        print("\npooled over both no-spec servers (two instances: half the variance of one server's speed):")
+    for r in out["rows"]:
+        b, ctl = base.get(r["concurrency"]), controls.get(r["concurrency"])
+        if b and ctl and not r["config"].startswith("no-spec"):
+            r["ratio_vs_both_baselines"] = both = both_baselines_ratio(r, b, ctl)
+            print(f"{r['config']:>18} {r['concurrency']:>3}  {both:.2f}x")
 
 
 def plot(out: dict, path: str) -> None:
