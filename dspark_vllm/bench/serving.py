@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import subprocess
@@ -266,8 +267,6 @@ def paired_ratios(runs: list[dict], config: str, concurrency: int, base: str = "
 def ratio_summary(ratios: list[float], level: float = 0.95) -> dict[str, float]:
     """Geometric mean of paired run ratios and its ``level`` confidence interval (Student t over
     the log ratios: run-to-run noise on this machine is multiplicative). One run: no interval."""
-    import math
-
     logs = [math.log(x) for x in ratios]
     n = len(logs)
     mean = sum(logs) / n
