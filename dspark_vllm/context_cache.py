@@ -68,16 +68,26 @@ class ContextKVCache:
         self.lengths[rows] += counts
 
     def rows_view(self, rows: torch.Tensor, spare: int = 0) -> "ContextKVCache":
-        """A gathered copy of some rows (drafting a subset of requests), with ``spare`` free slots
-        past its longest row, where a draft block of that many positions puts its K/V in place."""
+        """Some rows (the requests that draft), with ``spare`` free slots past their longest row,
+        where a draft block of that many positions puts its K/V in place.
+
+        Ascending consecutive rows (every request of a full batch, sorted by row) are a slice of
+        this cache, shared and not copied: the block's K/V then land in slots past every listed
+        row's valid length, which the next append overwrites. Any other selection is gathered
+        into a copy; at 16 requests and ~250 context tokens that copy was 2.2 ms of a ~20 ms
+        depth-1 draft on the 2-core CPU."""
         view = object.__new__(ContextKVCache)
         view.num_layers = self.num_layers
         view.lengths = self.lengths[rows]
         upto = int(view.lengths.max()) if len(rows) else 0
         if upto + spare > self.capacity:
             self._grow(upto + spare)
-        view.keys = [k[rows, :, :upto + spare] for k in self.keys]
-        view.values = [v[rows, :, :upto + spare] for v in self.values]
+        pick: slice | torch.Tensor = rows
+        if len(rows) and _is_consecutive(rows):
+            first = int(rows[0])
+            pick = slice(first, first + len(rows))
+        view.keys = [k[pick, :, :upto + spare] for k in self.keys]
+        view.values = [v[pick, :, :upto + spare] for v in self.values]
         return view
 
     def valid_mask(self, upto: int | None = None) -> torch.Tensor:
@@ -88,3 +98,8 @@ class ContextKVCache:
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Forget the context of the given rows (a request slot was reused)."""
         self.lengths[rows] = 0
+
+
+def _is_consecutive(rows: torch.Tensor) -> bool:
+    """rows == [a, a+1, ..., a+n-1] (a slice selects the same rows as the index tensor)."""
+    return bool((rows.cpu() == torch.arange(int(rows[0]), int(rows[0]) + len(rows))).all())

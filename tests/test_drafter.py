@@ -59,6 +59,12 @@ def test_block_kv_in_spare_slots_equals_concatenation_and_leaves_the_context_int
     all_rows = torch.tensor([9, 0, 5])
     torch.testing.assert_close(d.forward_block(all_rows, cache),  # in place, in the cache itself
                                d.forward_block(all_rows, cache.rows_view(torch.arange(3))), rtol=0, atol=0)
+    shared = cache.rows_view(torch.tensor([1, 2]), spare=4)  # consecutive rows: a slice, not a copy
+    assert shared.keys[0].data_ptr() == cache.keys[0][1:].data_ptr()
+    gathered = cache.rows_view(torch.tensor([2, 1]), spare=4)  # any other order: a gathered copy
+    assert gathered.keys[0].data_ptr() != cache.keys[0][2:].data_ptr()
+    torch.testing.assert_close(d.forward_block(anchors, shared), d.forward_block(anchors.flip(0), gathered).flip(0),
+                               rtol=0, atol=0)
     for c in (cache, fresh):
         d.add_context(c, feats[:, 5:6], torch.tensor([1, 1, 1]))
     torch.testing.assert_close(d.forward_block(torch.tensor([1, 2, 3]), cache),

@@ -251,6 +251,9 @@ class DSparkV1Proposer:
                 anchors, draft_ids = [anchors[pick]], [draft_ids[pick]]
                 load = StepLoad(base_tokens=len(req_ids) - 1, max_num_tokens=self.max_num_tokens)
             depth = plan.depth or self.block_size
+        # In cache-row order, so that a full batch drafts from a slice of the cache (rows_view)
+        order = sorted(range(len(draft_ids)), key=lambda j: draft_ids[j][1])
+        anchors, draft_ids = [anchors[j] for j in order], [draft_ids[j] for j in order]
         self.context.flush([row for _, row in draft_ids] + self.context.full_rows())
         draft_rows = torch.tensor([row for _, row in draft_ids])
         view = self.cache.rows_view(draft_rows, spare=depth)
