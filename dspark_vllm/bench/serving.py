@@ -185,17 +185,18 @@ def _run_round(rnd: int, configs: list, target: str, prompts: list[str], args: a
                out: dict) -> None:
     """Fresh servers for every configuration, then each concurrency on each server in turn."""
     servers: dict[str, Server] = {}
+    names = [name for name, _, _ in configs]
     try:
         for name, spec_cfg, env in configs:  # one at a time: start-ups compete for the CPU
             servers[name] = Server(target, spec_cfg, env, max(args.concurrency), logs / f"{name}-{rnd}.log")
             servers[name].wait_healthy()
             drive(servers[name].port, prompts, 1, 1, 8)  # first request: one-off allocations
         for _ in range(args.warmup_runs):  # discarded: see --warmup-runs
-            for name in run_order([name for name, _, _ in configs], rnd, 0, 0):
+            for name in run_order(names, rnd, 0, 0):
                 drive(servers[name].port, prompts, max(args.concurrency), args.requests_per_client, args.max_tokens)
         for ci, c in enumerate(args.concurrency):
             for rep in range(args.repeats):
-                for name in run_order([name for name, _, _ in configs], rnd, ci, rep):
+                for name in run_order(names, rnd, ci, rep):
                     before = servers[name].counters()
                     row = drive(servers[name].port, prompts, c, args.requests_per_client, args.max_tokens)
                     row.update(config=name, concurrency=c, round=rnd, repeat=rep,
