@@ -24,6 +24,40 @@ def test_timer_recovers_a_linear_draft_cost():
     assert one.predict(8) == pytest.approx(40.0)
 
 
+def test_timer_predicts_arrays_like_scalars():
+    timer = DraftTimer()
+    sizes = np.array([1, 7, 16, 112])
+    assert np.array_equal(timer.predict(sizes), np.zeros(4))
+    timer.observe(16, 20.0)  # proportional model
+    assert timer.predict(sizes) == pytest.approx([timer.predict(int(n)) for n in sizes])
+    timer.observe(112, 60.0)  # a line through two sizes, floored at 0 below its intercept
+    assert timer.predict(sizes) == pytest.approx([timer.predict(int(n)) for n in sizes])
+    assert isinstance(timer.predict(7), float)
+
+
+def test_gains_per_depth_match_a_direct_search():
+    """The vectorised gains equal max over k <= R*D of (R + top-k survivals) / (t(base+R+k)*premium
+    + d(R*D)) / (R / t(base+R)), computed here one depth and one k at a time."""
+    cost = flat_then_linear(base_ms=30.0, flat=4, slope=2.0, upto=64)  # k beyond the grid extrapolates
+    cost.verify_premium = 1.1
+    gate = DraftGate(cost, block_size=5)
+    gate.observe(np.array([[0.9, 0.7, 0.6, 0.5, 0.4]]), draft_ms=6.0)
+    gate.observe(np.array([[0.8, 0.6]] * 3), draft_ms=9.0)
+    for r, load in ((1, StepLoad()), (6, StepLoad(base_tokens=10)), (16, StepLoad(base_tokens=3, max_num_tokens=40))):
+        surv = np.cumprod(gate.prior)
+        room = max(0, (load.max_num_tokens or 1 << 30) - load.base_tokens - r)
+        plain = r / cost.step_time_ms(load.base_tokens + r)
+        want = []
+        for depth in range(1, 6):
+            best = 0.0
+            tokens = sorted(np.repeat(surv[:depth], r), reverse=True)[:room]
+            for k in range(1, len(tokens) + 1):
+                ms = cost.step_time_ms(load.base_tokens + r + k) * 1.1 + gate.timer.predict(r * depth)
+                best = max(best, (r + sum(tokens[:k])) / ms)
+            want.append(best / plain)
+        assert gate.gains(r, load) == pytest.approx(want)
+
+
 def test_gate_drafts_when_verification_is_nearly_free():
     gate = DraftGate(flat_then_linear(), block_size=4)
     assert gate.should_draft(1)  # no confidences seen yet: draft to learn them

@@ -90,11 +90,17 @@ class CostProfile:
 
     # ---- lookups -------------------------------------------------------------------------
     def forward_ms(self, num_tokens: int | np.ndarray, smooth: bool = True) -> np.ndarray | float:
-        """The profiled forward time for ``num_tokens`` (array or int), O(1) per lookup."""
-        n = np.asarray(num_tokens)
+        """The profiled forward time for ``num_tokens`` (array or int), O(1) per lookup (the
+        scheduler looks up every engine step, so sizes inside the table skip extrapolation)."""
         table = self._smooth_table if smooth else self._table
-        out = np.where(n <= self.max_tokens, table[np.clip(n, 0, self.max_tokens)],
-                       self._extrapolate(self.tokens, np.maximum.accumulate(self.step_ms), n))
+        if isinstance(num_tokens, (int, np.integer)) and 0 <= num_tokens <= self.max_tokens:
+            return float(table[num_tokens])
+        n = np.asarray(num_tokens)
+        if n.size and n.max() <= self.max_tokens:
+            out = table[np.clip(n, 0, self.max_tokens)]
+        else:
+            out = np.where(n <= self.max_tokens, table[np.clip(n, 0, self.max_tokens)],
+                           self._extrapolate(self.tokens, np.maximum.accumulate(self.step_ms), n))
         return float(out) if out.ndim == 0 else out
 
     def step_time_ms(self, num_tokens: int | np.ndarray, smooth: bool = False) -> np.ndarray | float:

@@ -73,16 +73,18 @@ class DraftTimer:
         x = float(num_tokens)
         self._s = self.decay * self._s + np.array([1.0, x, x * x, ms, x * ms])
 
-    def predict(self, num_tokens: int) -> float:
+    def predict(self, num_tokens: int | np.ndarray) -> float | np.ndarray:
+        """Predicted ms for ``num_tokens`` drafted positions (an int, or an array of them)."""
+        x = np.asarray(num_tokens, dtype=np.float64)
         n, sx, sxx, sy, sxy = self._s
         if n < 1e-9:
-            return 0.0  # nothing measured yet: optimistic, the first drafted steps measure it
-        det = n * sxx - sx * sx
-        if det < 1e-6 * max(n * sxx, 1e-9):  # one size seen so far: proportional model
-            return float(max(sy / n, 0.0) * num_tokens / max(sx / n, 1.0))
-        b = (n * sxy - sx * sy) / det
-        a = (sy - b * sx) / n
-        return float(max(a + b * num_tokens, 0.0))
+            out = np.zeros_like(x)  # nothing measured yet: optimistic, the first drafted steps measure it
+        elif (det := n * sxx - sx * sx) < 1e-6 * max(n * sxx, 1e-9):  # one size seen so far: proportional
+            out = max(sy / n, 0.0) * x / max(sx / n, 1.0)
+        else:
+            b = (n * sxy - sx * sy) / det
+            out = np.maximum((sy - b * sx) / n + b * x, 0.0)
+        return float(out) if out.ndim == 0 else out
 
 
 class DraftGate:
@@ -143,14 +145,14 @@ class DraftGate:
         verify_ms = np.asarray(self.cost.step_time_ms(load.base_tokens + num_requests + k, self.smooth))
         plain = num_requests / float(verify_ms[0])
         verify_ms[1:] *= self.cost.verify_premium or 1.0
-        out = np.zeros(self.block_size)
-        for depth in range(1, self.block_size + 1):
-            upto = min(num_requests * depth, len(tau) - 1)  # k <= R * D drafted tokens fit
-            if upto < 1:
-                continue
-            draft_ms = self.timer.predict(num_requests * depth)
-            out[depth - 1] = float(np.max(tau[1: upto + 1] / (verify_ms[1: upto + 1] + draft_ms))) / plain
-        return out
+        if len(tau) < 2:  # no room for a single draft token
+            return np.zeros(self.block_size)
+        # rows: depths D = 1..B; columns: k = 1..K admitted tokens, of which k <= R * D exist
+        drafted = num_requests * np.arange(1, self.block_size + 1)
+        draft_ms = self.timer.predict(drafted)
+        ratio = tau[None, 1:] / (verify_ms[None, 1:] + draft_ms[:, None])
+        ratio[k[None, 1:] > drafted[:, None]] = -np.inf
+        return ratio.max(axis=1) / plain
 
     def gain(self, num_requests: int, load: StepLoad | None = None) -> float:
         """Predicted throughput with drafting / without at the best depth (>1: drafting pays)."""
