@@ -62,3 +62,26 @@ def test_runner_sample_routes_zero_draft_steps_to_the_plain_sampler(ours, drafts
     metadata = SimpleNamespace(num_draft_tokens=drafts)
     assert GPUModelRunner._sample(runner, logits=object(), spec_decode_metadata=metadata) == expected
     assert calls == [expected]
+
+
+def test_drafts_ride_on_the_step_output_and_post_step_skips_the_rpc():
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds, ModelRunnerOutput
+
+    patches.install()
+    drafts = DraftTokenIds(["a"], [[5, 6]])
+    runner = SimpleNamespace(take_draft_token_ids=lambda: drafts)
+    out = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0})
+    patches.attach_draft_token_ids(out, runner)
+    assert getattr(out, patches.DRAFTS_ATTR) is drafts
+    patches.attach_draft_token_ids(EMPTY_MODEL_RUNNER_OUTPUT, runner)  # vLLM's shared empty output
+    assert not hasattr(EMPTY_MODEL_RUNNER_OUTPUT, patches.DRAFTS_ATTR)
+
+    calls: list = []
+    scheduler = SimpleNamespace(_dspark_drafts_delivered=True, update_draft_token_ids=Recorder("update", calls))
+    core = SimpleNamespace(scheduler=scheduler, check_for_draft_tokens=True, async_scheduling=False,
+                           model_executor=SimpleNamespace(take_draft_token_ids=Recorder("rpc", calls)))
+    EngineCore.post_step(core, True)  # drafts came with the output: no RPC, flag consumed
+    assert calls == [] and scheduler._dspark_drafts_delivered is False
+    EngineCore.post_step(core, True)  # an output without them: vLLM's own RPC path
+    assert calls == ["rpc", "update"]

@@ -72,6 +72,7 @@ def test_oracle_drafter_is_fully_accepted_and_corruption_cuts_there(smol, smol_r
                   env={"DSPARK_VLLM_ORACLE": str(oracle), "DSPARK_VLLM_CONFIG": str(fixed)})
     res = run_engine(**common)
     assert res["outputs"][0] == smol_reference[:4]
+    assert res["draft_rpcs"] == 0  # every step's drafts came with its output (patches.attach_draft_token_ids)
     m = res["metrics"]
     per_pos = m["vllm:spec_decode_num_accepted_tokens_per_pos"]
     assert per_pos[0] > 0

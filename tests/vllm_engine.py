@@ -19,6 +19,16 @@ def main() -> None:
         os.environ[key] = str(value)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    draft_rpcs = [0]  # engine-core RPCs fetching drafts (the plugin hands them over with each step's output)
+    take = UniProcExecutor.take_draft_token_ids  # this process's executor (no multiprocessing)
+
+    def counting_take(self, *a, **kw):
+        draft_rpcs[0] += 1
+        return take(self, *a, **kw)
+
+    UniProcExecutor.take_draft_token_ids = counting_take
 
     kwargs = {}
     if args.get("drafter"):
@@ -49,7 +59,8 @@ def main() -> None:
 
         dspark = merge_snapshots(Path(os.environ["DSPARK_VLLM_METRICS_DIR"])) or {}
         dspark["exposition"] = [x for x in generate_latest(REGISTRY).decode().splitlines() if x.startswith("dspark:")]
-    print("RESULT " + json.dumps({"outputs": outputs, "metrics": metrics, "dspark": dspark}))
+    print("RESULT " + json.dumps({"outputs": outputs, "metrics": metrics, "dspark": dspark,
+                                  "draft_rpcs": draft_rpcs[0]}))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ this vLLM API surface (listed in the README; keep it small):
 * ``GPUModelRunner.propose_draft_token_ids`` (wrapped): hand our proposer the aux hidden states.
 * ``GPUModelRunner._sample`` (wrapped): a step whose batch holds no drafts (the draft gate's
   plain steps) samples as vLLM does without speculation, skipping the rejection sampler.
+* ``GPUModelRunner.sample_tokens`` / ``Scheduler.update_from_output`` / ``EngineCore.post_step``
+  (wrapped): each step's drafts travel to the engine core on the step's own output instead of a
+  second ``take_draft_token_ids`` RPC per step (synchronous scheduling only).
 
 It also registers a prometheus_client collector for DSpark's own metrics (see ``metrics``).
 """
