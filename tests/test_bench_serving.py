@@ -94,3 +94,22 @@ def test_both_baselines_ratio_pools_tokens_and_wall_time_of_the_two_no_spec_serv
     control = {"tokens": 700, "wall_s": 10.0}  # 70 tok/s: pooled 75
     assert both_baselines_ratio({"tok_s": 75.0}, base, control) == 1.0
     assert both_baselines_ratio({"tok_s": 78.0}, base, control) > 1.0 > 78.0 / 80.0
+
+
+def test_variants_name_extra_servers_and_reject_bad_input(tmp_path):
+    import pytest
+
+    from dspark_vllm.bench.serving import parse_variants
+
+    good = tmp_path / "margin.yaml"
+    good.write_text("scheduler:\n  gate_min_gain: 1.15\n")
+    assert parse_variants([f"m115={good}"], ["no-spec"]) == [("m115", str(good.resolve()))]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scheduler:\n  gate_min_gain: 0.5\n")  # below its 1.0 floor
+    lost = tmp_path / "lost.yaml"
+    lost.write_text("scheduler:\n  cost_profile: profiles/none.json\n")
+    for specs, words in (([f"m={bad}"], "gate_min_gain"), ([str(good)], "NAME=SETTINGS"),
+                         ([f"no-spec={good}"], "already used"), ([f"a={good}", f"a={good}"], "already used"),
+                         ([f"m={lost}"], "does not exist")):
+        with pytest.raises(SystemExit, match=words):
+            parse_variants(specs, ["no-spec"])

@@ -169,6 +169,8 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(f"--configs: choose from {[name for name, _, _ in configs]}, including no-spec "
                              f"(the baseline of every ratio); got {args.configs}")
         configs = [c for c in configs if c[0] in args.configs]
+    for name, yaml_path in parse_variants(args.variant or [], [name for name, _, _ in configs]):
+        configs.append((name, spec, {"DSPARK_VLLM_CONFIG": yaml_path}))
     if args.control:  # next to no-spec in every turn order (see run_order)
         configs.insert(1, ("no-spec-control", None, {}))
     logs = Path(args.logs)
@@ -178,6 +180,31 @@ def run(args: argparse.Namespace) -> dict:
         _run_round(rnd, configs, target, prompts, args, logs, out)
     out["rows"] = pool_rounds(out["runs"], [name for name, _, _ in configs])
     _ratios(out)
+    return out
+
+
+def parse_variants(specs: list[str], taken: list[str]) -> list[tuple[str, str]]:
+    """``NAME=YAML`` pairs for ``--variant``: extra DSpark servers with their own settings, so two
+    tunings are compared in one run (the only fair comparison on a noisy machine). Each YAML is
+    loaded here, so a typo fails before any server starts, with the settings loader's message."""
+    from ..settings import SettingsError, load_settings
+
+    out: list[tuple[str, str]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--variant {spec!r}: expected NAME=SETTINGS.yaml")
+        if name in taken or name in (n for n, _ in out) or name == "no-spec-control":
+            raise SystemExit(f"--variant {spec!r}: the name {name!r} is already used; pick another")
+        try:
+            settings = load_settings(path)
+        except SettingsError as exc:
+            raise SystemExit(f"--variant {spec!r}: {exc}") from None
+        profile = settings.resolve(settings.scheduler.cost_profile)
+        if profile is not None and not profile.exists():
+            raise SystemExit(f"--variant {spec!r}: cost_profile {profile} does not exist (a relative path is "
+                             "read from the YAML's folder; copy the profile there or give an absolute path)")
+        out.append((name, str(Path(path).resolve())))
     return out
 
 
@@ -354,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="repeat everything, mirroring the config order every other time, and pool (noisy machines)")
     p.add_argument("--repeats", type=int, default=1,
                    help="drive each concurrency this many times per round, mirroring the order (A B, B A)")
+    p.add_argument("--variant", action="append", metavar="NAME=YAML",
+                   help="an extra DSpark server named NAME with these settings (repeatable): compare tunings "
+                        "in one run, e.g. --variant margin-1.15=my.yaml")
     p.add_argument("--control", action="store_true",
                    help="add a second no-speculation server (no-spec-control): its ratios are this run's noise")
     p.add_argument("--warmup-runs", type=int, default=1,
