@@ -1,5 +1,7 @@
 """The pre-draft gate: skip drafting exactly when no verify length can pay for the draft."""
 
+import statistics
+
 import numpy as np
 import pytest
 
@@ -160,8 +162,9 @@ def test_step_cost_scale_keeps_the_curve_shape():
 
 def test_verify_premium_is_learned_from_drafted_vs_plain_steps_and_closes_a_marginal_gate():
     """Steps that verify drafts are timed apart from plain ones: the plain median sets the scale,
-    drafted / plain is the premium, and the gate charges it to drafted steps only, so a gain
-    predicted at 1.1 on the plain scale falls below the margin when drafted steps cost 20% more."""
+    drafted / plain (neighbouring steps) is the premium, and the gate charges it to drafted steps
+    only, so a gain predicted at 1.1 on the plain scale falls below the margin when drafted steps
+    cost 25% more."""
     from dspark_vllm.scheduler.step_cost import StepCostEstimator
 
     cost = flat_then_linear()
@@ -169,8 +172,9 @@ def test_verify_premium_is_learned_from_drafted_vs_plain_steps_and_closes_a_marg
     for _ in range(4):
         est.observe(16, 2.0 * cost.forward_ms(16), verified_drafts=16)  # drafted steps only so far
     assert cost.scale == pytest.approx(2.0) and cost.verify_premium is None  # all steps set the scale
-    for _ in range(4):
+    for _ in range(4):  # then the kind alternates (an open gate exploring): each switch is a pair
         est.observe(16, 1.6 * cost.forward_ms(16))  # plain steps: 1.6x the profile
+        est.observe(16, 2.0 * cost.forward_ms(16), verified_drafts=16)
     assert cost.scale == pytest.approx(1.6) and cost.verify_premium == pytest.approx(1.25)
     est.observe(16, 100 * cost.forward_ms(16), verified_drafts=3)  # one outlier moves no median
     assert cost.verify_premium == pytest.approx(1.25)
@@ -183,6 +187,34 @@ def test_verify_premium_is_learned_from_drafted_vs_plain_steps_and_closes_a_marg
     gate.cost.verify_premium = 1.25
     assert gate.gain(16) < 1.05 < open_gain
     assert gate.plan(16).requests == 0
+
+
+def test_verify_premium_compares_neighbouring_steps_while_the_machine_speeds_up():
+    """An open gate makes a plain step only every 16th step, so the plain window reaches back
+    hundreds of steps: while the machine speeds up (served/profiled 2.0 -> 1.2) the ratio of the
+    two windows' medians read a discount (< 1) on drafted steps that truly cost 10% more. The
+    neighbouring pairs see the true 1.1; a steady discount is held at 1 (never charged below
+    a plain step)."""
+    from dspark_vllm.scheduler.step_cost import StepCostEstimator
+
+    cost = flat_then_linear()
+    est = StepCostEstimator(cost)
+    speed = lambda step: 2.0 - 0.8 * min(step / 600, 1.0)  # noqa: E731
+    for step in range(64):  # a closed gate: plain steps on the slow machine
+        est.observe(16, speed(step) * cost.forward_ms(16))
+    for step in range(64, 700):  # open: 15 drafted steps, then one plain (exploration)
+        drafted = step % 16 != 0
+        est.observe(32 if drafted else 16, speed(step) * cost.forward_ms(32 if drafted else 16) * (1.1 if drafted else 1.0),
+                    verified_drafts=16 if drafted else 0)
+    windows = statistics.median(est.verify_samples) / statistics.median(est.samples)
+    assert windows < 1.0  # what the window medians say
+    assert cost.verify_premium == pytest.approx(1.1, abs=0.02)
+
+    steady = StepCostEstimator(flat_then_linear(), min_samples=4)
+    for _ in range(8):
+        steady.observe(16, 2.0 * 60.0)
+        steady.observe(16, 0.9 * 2.0 * 60.0, verified_drafts=4)
+    assert steady.learned_premium == 1.0
 
 
 def test_an_open_gate_with_a_marginal_gain_explores_plain_steps():

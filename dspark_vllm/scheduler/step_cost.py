@@ -13,15 +13,25 @@ why the factor is learned rather than configured.
 The model is multiplicative, served(N) = scale * profiled(N), with ``scale`` the median of
 served / profiled over the last ``window`` plain steps (no drafts verified) at any batch size.
 
-Steps that verify drafts get their own median, and their ratio to the plain one is the
-``verify_premium`` the draft gate charges a drafted step: whatever verifying costs beyond the
-profile's slope (vLLM's spec-decode bookkeeping and rejection sampling, the context the drafter
-ingests per accepted token). It was 1.17-1.34 while profiles were timed with two threads in the
-calling process: their per-token slope was too flat for the one-thread served worker, and a gate
-blind to the difference opened at 16 clients on a predicted 5-10% gain that came out as 0.94x.
-Against a profile of the served worker it is 1.04 at the end of the serving benchmark's rounds
-(1.09-1.11 with the in-process profile the same day), and 1.02-1.03 at 2-16 requests alike in
-a single-process engine (one pinned thread).
+Steps that verify drafts are the other half of the ``verify_premium`` the draft gate charges a
+drafted step: whatever verifying costs beyond the profile's slope (vLLM's spec-decode bookkeeping
+and rejection sampling, the context the drafter ingests per accepted token). It was 1.17-1.34
+while profiles were timed with two threads in the calling process: their per-token slope was too
+flat for the one-thread served worker, and a gate blind to the difference opened at 16 clients
+on a predicted 5-10% gain that came out as 0.94x. Against a profile of the served worker it is
+1.04 at the end of the serving benchmark's rounds (1.09-1.11 with the in-process profile the
+same day), and 1.02-1.03 at 2-16 requests alike in a single-process engine (one pinned thread).
+
+The premium is measured *locally*: each time the step kind switches (drafted -> plain or back)
+the first step of the new kind is compared with the median of the last few steps of the run
+that just ended, and the premium is the median of those drafted/plain pairs. An open gate makes
+a plain step only every 16th step, so the window of the last 64 plain steps reaches back ~1000
+steps (minutes) while the drafted window covers seconds: the ratio of those two medians compares
+a drifting machine at two different times. It ended a served round at 0.82, the round whose
+first 16-client run drafted 120 of 160 steps and made 0.82x the tokens of no speculation.
+Neighbouring steps see the same machine. The premium is also held at >= 1: a drafted step does
+everything a plain step of as many tokens does, and more, so a value below 1 is timing noise,
+and a gate acting on that phantom discount opens where drafting loses.
 
 An additive per-step overhead (this module's previous design) fits small batches but flattens the curve when learned
 from big ones (60 ms on top of a 62 ms forward for 16 tokens made each extra token look half as
@@ -46,18 +56,31 @@ class StepCostEstimator:
     Runs after every engine step, so the medians are ``statistics.median`` over at most
     ``window`` floats: 4 us where ``np.median`` on a deque took 21 us (its array conversion)."""
 
-    def __init__(self, cost: CostProfile, window: int = 64, min_samples: int = 8) -> None:
+    def __init__(self, cost: CostProfile, window: int = 64, min_samples: int = 8, neighbours: int = 4,
+                 pair_window: int = 32) -> None:
         self.cost = cost
         self.samples: deque[float] = deque(maxlen=window)  # plain steps
         self.verify_samples: deque[float] = deque(maxlen=window)  # steps that verified drafts
         self.min_samples = min_samples
+        # the last few steps of the current run of one kind, and drafted/plain ratios taken where
+        # the kind switches (the run that ended against the first step of the next)
+        self._run: deque[float] = deque(maxlen=neighbours)
+        self._last_drafted: bool | None = None
+        self.premium_pairs: deque[float] = deque(maxlen=pair_window)
 
     def observe(self, num_tokens: int, step_ms: float, verified_drafts: int = 0) -> None:
         """One engine step that processed ``num_tokens`` tokens, ``verified_drafts`` of them
         draft tokens, took ``step_ms`` of wall time (drafting excluded)."""
         if 1 <= num_tokens <= self.cost.max_tokens and step_ms > 0:
             ratio = step_ms / self.cost.forward_ms(num_tokens)
-            (self.verify_samples if verified_drafts > 0 else self.samples).append(ratio)
+            drafted = verified_drafts > 0
+            (self.verify_samples if drafted else self.samples).append(ratio)
+            if self._last_drafted is not None and drafted != self._last_drafted and self._run:
+                ended = statistics.median(self._run)  # the kind switches: compare neighbours
+                self.premium_pairs.append(ratio / ended if drafted else ended / ratio)
+                self._run.clear()
+            self._run.append(ratio)
+            self._last_drafted = drafted
         self.cost.scale = self.learned_scale
         self.cost.verify_premium = self.learned_premium
 
@@ -72,8 +95,9 @@ class StepCostEstimator:
 
     @property
     def learned_premium(self) -> float | None:
-        """Median ratio of drafted steps / of plain steps (None until each has ``min_samples``),
-        kept within [0.5, 4] so a burst of odd steps cannot flip every decision."""
-        if len(self.samples) < self.min_samples or len(self.verify_samples) < self.min_samples:
+        """Median of the neighbouring drafted/plain ratios (None until ``min_samples`` of them),
+        kept within [1, 4]: never a discount (see the module docstring), and a burst of odd
+        steps cannot flip every decision."""
+        if len(self.premium_pairs) < self.min_samples:
             return None
-        return min(max(statistics.median(self.verify_samples) / statistics.median(self.samples), 0.5), 4.0)
+        return min(max(statistics.median(self.premium_pairs), 1.0), 4.0)
