@@ -111,6 +111,7 @@ class DraftGate:
         self.prior: np.ndarray | None = None  # mean calibrated c_k, None until a block is seen
         self.seen = np.zeros(block_size)  # blocks that reached each position (shallow drafts stop early)
         self.timer = DraftTimer()
+        self.last_gain: float | None = None  # predicted gain at the depth the last plan chose (tracing)
 
     def observe(self, confidence: np.ndarray, draft_ms: float | None = None) -> None:
         """Record a drafted step: calibrated confidences [R, D] (D <= B drafted positions) and
@@ -168,6 +169,7 @@ class DraftGate:
         if not self.adaptive_depth:
             gains[:-1] = -np.inf
         best = int(np.argmax(gains))  # ties: the shallowest (cheapest) depth
+        self.last_gain = float(gains[best])
         if gains[best] > self.min_gain:
             self.skipped_in_a_row = 0
             self.probe_wait = self.probe_every

@@ -41,6 +41,7 @@ from ..settings import load_settings
 from .metrics import DSparkStats
 from .patches import ENV_CHECKPOINT, ENV_CONFIG
 from .startup_profile import ENV_COST_PROFILE
+from .step_trace import StepTrace
 
 logger = logging.getLogger("dspark_vllm")
 
@@ -136,6 +137,8 @@ class DSparkV1Proposer:
         self._step_end: float | None = None  # when propose_step last returned (step timing)
         self._handed_out = 0  # draft tokens handed to vLLM by the last call (verified next step)
         self._warmed_up = False  # first draft pays one-off costs; keep them out of the timer
+        self.trace = StepTrace.from_env()  # DSPARK_VLLM_STEP_TRACE: one JSON line per step
+        self._last_step: tuple[float | None, int] = (None, 0)  # (ms, verified drafts) of the step that just ended
         logger.info("DSpark proposer: %s, block %d, policy %s", checkpoint, self.block_size,
                     self.settings.scheduler.policy)
 
@@ -190,9 +193,11 @@ class DSparkV1Proposer:
 
         The time since the previous call is one engine step without our drafting; it goes to the
         scheduler's step-cost estimator together with the tokens that step processed."""
+        self._last_step = (None, self._handed_out)
         if self._step_end is not None:  # that step verified the drafts handed out last call
-            self.scheduler.observe_step(int(scheduler_output.total_num_scheduled_tokens),
-                                        (time.perf_counter() - self._step_end) * 1000.0, self._handed_out)
+            step_ms = (time.perf_counter() - self._step_end) * 1000.0
+            self._last_step = (step_ms, self._handed_out)
+            self.scheduler.observe_step(int(scheduler_output.total_num_scheduled_tokens), step_ms, self._handed_out)
             if self.scheduler.step_cost is not None:  # observe_step just wrote it; no second median
                 self.stats.cost_scale = self.scheduler.step_cost.cost.scale
                 self.stats.verify_premium = self.scheduler.step_cost.cost.verify_premium or 1.0
@@ -234,17 +239,21 @@ class DSparkV1Proposer:
                 anchors.append(sampled[i][-1])
                 draft_ids.append((i, state.row))
         out: list[list[int]] = [[] for _ in req_ids]
+        emitted = sum(len(row) for row in sampled)
         if not draft_ids:
             self.context.flush_full()
+            self._trace_step(len(req_ids), 0, 0, 0, emitted, None)
             return out
         load = StepLoad(base_tokens=len(req_ids) - len(draft_ids), max_num_tokens=self.max_num_tokens)
         depth = self.block_size
+        ready = len(draft_ids)
         if self.oracle is None:
             plan = self.scheduler.plan_draft(len(draft_ids), load)
             if plan.requests == 0:  # gated: plain decoding this step
                 self.context.flush_full()
                 self.stats.record_gated()
                 self.stats.maybe_flush()
+                self._trace_step(len(req_ids), len(draft_ids), 0, 0, emitted, None)
                 return out
             if plan.requests < len(draft_ids):  # a gate probe: one request (rotating) drafts
                 pick = self.stats.steps % len(draft_ids)
@@ -274,7 +283,8 @@ class DSparkV1Proposer:
         conf = self.scheduler.confidences(block.confidence_logits)
         lengths = self._lengths(conf, [req_ids[i] for i, _ in draft_ids], load)
         tokens = block.tokens.cpu().tolist()
-        self.scheduler.observe_draft(conf, (time.perf_counter() - t_draft) * 1000.0)
+        draft_ms = (time.perf_counter() - t_draft) * 1000.0
+        self.scheduler.observe_draft(conf, draft_ms)
         if self.oracle is not None:
             batch = runner.input_batch
             for j, (i, _) in enumerate(draft_ids):
@@ -290,7 +300,22 @@ class DSparkV1Proposer:
         self.stats.record_step(len(draft_ids) * depth, kept)
         self._handed_out = sum(kept)
         self.stats.maybe_flush()
+        self._trace_step(len(req_ids), ready, len(draft_ids), depth, emitted, draft_ms)
         return out
+
+    def _trace_step(self, batch: int, ready: int, drafting: int, depth: int, emitted: int,
+                    draft_ms: float | None) -> None:
+        if not self.trace.enabled:
+            return
+        gate = self.scheduler.gate
+        step_ms, verified = self._last_step
+        cost = self.scheduler.step_cost.cost if self.scheduler.step_cost is not None else None
+        self.trace.write(batch=batch, ready=ready, drafting=drafting, depth=depth,
+                         gain=None if gate is None or drafting == 0 and ready == 0 else gate.last_gain,
+                         step_ms=None if step_ms is None else round(step_ms, 3), verified=verified,
+                         emitted=emitted, draft_ms=None if draft_ms is None else round(draft_ms, 3),
+                         scale=None if cost is None else round(cost.scale, 4),
+                         premium=None if cost is None else cost.verify_premium)
 
     def _time_drafter(self, anchor: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor) -> None:
         """Time one full-block draft at each batch size in ``DRAFT_TIMING_SIZES`` (the rows at
