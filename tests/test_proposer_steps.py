@@ -126,30 +126,21 @@ def test_a_step_is_timed_as_drafted_only_if_it_verified_drafts(proposer, monkeyp
     assert seen == [handed, 0]
 
 
-def test_step_trace_records_drafted_and_gated_steps(monkeypatch, tmp_path):
+def test_step_trace_records_drafted_and_gated_steps(proposer, tmp_path):
     """DSPARK_VLLM_STEP_TRACE: a drafting step, then a gated one that verified its drafts."""
     import json
 
-    from dspark_vllm.vllm_plugin.step_trace import ENV_STEP_TRACE
+    from dspark_vllm.vllm_plugin.step_trace import StepTrace
 
-    monkeypatch.setenv(ENV_STEP_TRACE, str(tmp_path / "t-{pid}.jsonl"))
-    monkeypatch.setenv(ENV_CHECKPOINT, str(SMOLLM2_DRAFTER))
-    monkeypatch.setenv(ENV_CONFIG, str(CONFIGS_DIR / "llama-smollm2.yaml"))
-    config = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=torch.float32),
-                                   scheduler_config=types.SimpleNamespace(max_num_seqs=8, max_num_batched_tokens=256))
-    p = DSparkV1Proposer(config)
-    if not p.drafter.embeddings_bound:
-        table = torch.randn(p.drafter.config.vocab_size, p.drafter.config.hidden_size) * 0.02
-        p.drafter.bind_target_embeddings(table, table)
-    runner = StubRunner()
-    p.attach(runner)
+    p, runner = proposer
+    p.trace = StepTrace(str(tmp_path / "t.jsonl"))
     drafts = run_step(p, runner, [0] * NUM_REQS, [5, 6, 7, 8])
     p.scheduler.gate.prior = np.full(p.block_size, 0.01)
     p.scheduler.gate.timer.observe(NUM_REQS, 1000.0)
     p.scheduler.gate.timer.observe(1, 1000.0)
     run_step(p, runner, [5 + len(d) for d in drafts], [1 + len(d) for d in drafts])
     p.trace.close()
-    rows = [json.loads(line) for line in next(tmp_path.iterdir()).read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert [r["drafting"] for r in rows] == [NUM_REQS, 0]
     assert rows[0]["step_ms"] is None and rows[0]["draft_ms"] > 0
     assert rows[1]["verified"] == sum(len(d) for d in drafts) and rows[1]["step_ms"] > 0

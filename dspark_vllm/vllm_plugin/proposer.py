@@ -239,10 +239,9 @@ class DSparkV1Proposer:
                 anchors.append(sampled[i][-1])
                 draft_ids.append((i, state.row))
         out: list[list[int]] = [[] for _ in req_ids]
-        emitted = sum(len(row) for row in sampled)
         if not draft_ids:
             self.context.flush_full()
-            self._trace_step(len(req_ids), 0, 0, 0, emitted, None)
+            self._trace_step(len(req_ids), 0, 0, 0, sampled, None)
             return out
         load = StepLoad(base_tokens=len(req_ids) - len(draft_ids), max_num_tokens=self.max_num_tokens)
         depth = self.block_size
@@ -253,7 +252,7 @@ class DSparkV1Proposer:
                 self.context.flush_full()
                 self.stats.record_gated()
                 self.stats.maybe_flush()
-                self._trace_step(len(req_ids), len(draft_ids), 0, 0, emitted, None)
+                self._trace_step(len(req_ids), ready, 0, 0, sampled, None)
                 return out
             if plan.requests < len(draft_ids):  # a gate probe: one request (rotating) drafts
                 pick = self.stats.steps % len(draft_ids)
@@ -300,13 +299,14 @@ class DSparkV1Proposer:
         self.stats.record_step(len(draft_ids) * depth, kept)
         self._handed_out = sum(kept)
         self.stats.maybe_flush()
-        self._trace_step(len(req_ids), ready, len(draft_ids), depth, emitted, draft_ms)
+        self._trace_step(len(req_ids), ready, len(draft_ids), depth, sampled, draft_ms)
         return out
 
-    def _trace_step(self, batch: int, ready: int, drafting: int, depth: int, emitted: int,
+    def _trace_step(self, batch: int, ready: int, drafting: int, depth: int, sampled: list[list[int]],
                     draft_ms: float | None) -> None:
         if not self.trace.enabled:
             return
+        emitted = sum(len(row) for row in sampled)
         gate = self.scheduler.gate
         step_ms, verified = self._last_step
         cost = self.scheduler.step_cost.cost if self.scheduler.step_cost is not None else None
