@@ -29,6 +29,8 @@ from .context_cache import ContextKVCache
 class PendingContext:
     """Per cache row, target features [n, m*H] not yet in ``cache`` (plain torch, no vLLM)."""
 
+    VIEW_MAX_TOKENS = 64  # push_step: steps up to this size are queued as views, never copied
+
     def __init__(self, drafter, cache: ContextKVCache, max_tokens: int = 512,
                  max_bytes: int = 256 << 20) -> None:
         self.drafter = drafter
@@ -43,11 +45,35 @@ class PendingContext:
     def push(self, row: int, features: torch.Tensor) -> None:
         """Queue features [n, m*H] for ``row`` (copied, so a queued slice does not keep the whole
         step's feature tensor alive)."""
-        if features.shape[0] == 0:
+        self._append(row, features.clone())
+
+    def push_step(self, rows: list[int], features: torch.Tensor, counts: list[int]) -> None:
+        """Queue one step's features for several rows at once: ``features`` [sum(counts), m*H]
+        holds ``counts[j]`` tokens of ``rows[j]`` back to back and must be the caller's own copy.
+
+        Rows keep views into it instead of copies (16 clones and calls per gated decode step
+        were ~0.3 ms of the proposer's ~1.3 ms). A view keeps the whole tensor alive, so in a
+        step of more than ``VIEW_MAX_TOKENS`` tokens (a prefill) a part under half of it is
+        copied: the byte budget then undercounts what is held by at most 2x, and in decode-sized
+        steps by at most the step's own few tokens per row."""
+        if len(rows) != len(counts) or sum(counts) != features.shape[0]:
+            raise ValueError(f"push_step: {len(rows)} rows with counts summing to {sum(counts)} "
+                             f"for {features.shape[0]} feature rows")
+        total = features.shape[0]
+        for row, part in zip(rows, torch.split(features, counts)):
+            if part.shape[0] == 0:
+                continue
+            if total > self.VIEW_MAX_TOKENS and 2 * part.shape[0] < total:
+                part = part.clone()
+            self._append(row, part)
+
+    def _append(self, row: int, features: torch.Tensor) -> None:
+        n = features.shape[0]
+        if n == 0:
             return
-        self._parts.setdefault(row, []).append(features.clone())
-        self._tokens[row] = self._tokens.get(row, 0) + features.shape[0]
-        self.total_tokens += features.shape[0]
+        self._parts.setdefault(row, []).append(features)
+        self._tokens[row] = self._tokens.get(row, 0) + n
+        self.total_tokens += n
         self.token_bytes = features[0].numel() * features.element_size()
 
     @property

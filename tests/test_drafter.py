@@ -217,8 +217,12 @@ def test_pending_context_flushes_equal_immediate_adds(tiny_qwen3):
         counts[step % 3] = 9 if step == 0 else counts[step % 3]  # one prefill-sized chunk
         feats = torch.randn(3, int(counts.max()), 2 * 64, generator=gen)
         d.add_context(eager, feats, counts)
-        for row in range(3):
-            pending.push(row, feats[row, : int(counts[row])])
+        if step % 2:
+            for row in range(3):
+                pending.push(row, feats[row, : int(counts[row])])
+        else:  # the proposer's packed form: one tensor for the step, rows back to back
+            packed = torch.cat([feats[row, : int(counts[row])] for row in range(3)])
+            pending.push_step([0, 1, 2], packed, counts.tolist())
         if step % 4 == 3:
             pending.flush([step % 3] + pending.full_rows())  # this row drafts (as the proposer does)
         else:
@@ -231,6 +235,28 @@ def test_pending_context_flushes_equal_immediate_adds(tiny_qwen3):
     pending.push(1, torch.randn(2, 2 * 64))
     pending.drop(1)
     assert pending.flush() == 0 and lazy.lengths.tolist() == eager.lengths.tolist()
+
+
+def test_pending_context_push_step_views_decode_steps_and_copies_minorities_of_big_ones(tiny_qwen3):
+    """A decode-sized step is queued as views of the caller's tensor (no copies); in a step past
+    VIEW_MAX_TOKENS a part under half of it is copied so it cannot pin the whole prefill."""
+    from dspark_vllm.pending_context import PendingContext
+
+    d = _drafter(tiny_qwen3)
+    pending = PendingContext(d, d.new_cache(3, capacity=4))
+    decode = torch.randn(3, 2 * 64)
+    pending.push_step([0, 1, 2], decode, [1, 1, 1])
+    assert all(pending._parts[r][0].data_ptr() == decode[r].data_ptr() for r in range(3))
+    big = PendingContext.VIEW_MAX_TOKENS + 8
+    prefill = torch.randn(big + 2, 2 * 64)
+    pending.push_step([0, 1, 2], prefill, [big, 0, 2])
+    assert pending._parts[0][1].data_ptr() == prefill.data_ptr()  # the majority part: a view
+    assert pending._parts[2][1].untyped_storage().data_ptr() != prefill.untyped_storage().data_ptr()
+    torch.testing.assert_close(pending._parts[2][1], prefill[big:])
+    assert len(pending._parts[1]) == 1 and pending.pending_tokens(1) == 1
+    assert pending.total_tokens == 3 + big + 2
+    with pytest.raises(ValueError, match="counts summing to 3 for 4 feature rows"):
+        pending.push_step([0, 1], torch.randn(4, 2 * 64), [1, 2])
 
 
 def test_pending_context_byte_budget_flushes_largest_backlogs_first(tiny_qwen3):

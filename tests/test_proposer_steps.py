@@ -71,6 +71,35 @@ def test_closed_gate_queues_context_and_drafts_nothing(proposer):
     assert drafts == [[]] * NUM_REQS and [p.context.pending_tokens(r) for r in rows] == [6, 7, 8, 9]
 
 
+def test_rejected_drafts_queue_only_each_requests_valid_prefix(proposer):
+    """A verify step schedules 1 + d tokens per request; only the 1 + accepted ones are context.
+    The queued features must be exactly those rows of the step's hidden states, per request."""
+    p, runner = proposer
+    run_step(p, runner, [0] * NUM_REQS, [5, 6, 7, 8])
+    drafts = [[11, 12, 13]] * NUM_REQS  # what vLLM scheduled for verification (any drafts do)
+    p.scheduler.gate.prior = np.full(p.block_size, 0.01)  # shut: the next step only queues
+    p.scheduler.gate.timer.observe(NUM_REQS, 1000.0)
+    p.scheduler.gate.timer.observe(1, 1000.0)
+    counts = [1 + len(d) for d in drafts]
+    accepted = [0, 1, 2, 3]  # drafts that survive, per request
+    runner.positions = torch.cat([torch.arange(s, s + n) for s, n in zip([5, 6, 7, 8], counts)])
+    width = p.drafter.config.hidden_size
+    aux = [torch.randn(sum(counts), width) for _ in p.drafter.config.target_layer_ids]
+    out = types.SimpleNamespace(finished_req_ids=set(), total_num_scheduled_tokens=sum(counts),
+                                num_scheduled_tokens={f"r{i}": n for i, n in enumerate(counts)},
+                                scheduled_spec_decode_tokens={f"r{i}": d for i, d in enumerate(drafts)})
+    sampled = [[7] * (a + 1) for a in accepted]
+    p.propose_step(runner, out, sampled, aux)
+    features = torch.cat(aux, dim=-1)
+    start = 0
+    for i, (n, a) in enumerate(zip(counts, accepted)):
+        row = p.requests[f"r{i}"].row
+        assert p.context.pending_tokens(row) == 1 + a
+        torch.testing.assert_close(torch.cat(p.context._parts[row]), features[start: start + 1 + a])
+        assert p.requests[f"r{i}"].next_pos == 5 + i + 1 + a
+        start += n
+
+
 def test_first_draft_times_the_drafter_at_several_batch_sizes(proposer):
     p, runner = proposer
     timer = p.scheduler.gate.timer

@@ -26,6 +26,7 @@ drafter's attention. A request seen again from position 0 (preemption/recompute)
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -219,18 +220,22 @@ class DSparkV1Proposer:
         else:
             sampled = [list(row) for row in sampled_token_ids]
         num_sched = [int(scheduler_output.num_scheduled_tokens.get(r, 0)) for r in req_ids]
-        offsets = np.concatenate([[0], np.cumsum(num_sched)]).astype(np.int64)
-        features = torch.cat([h[: int(offsets[-1])] for h in aux_hidden_states], dim=-1)
-        positions = runner._get_positions(int(offsets[-1])).cpu()
+        starts = list(itertools.accumulate(num_sched, initial=0))
+        total = starts[-1]
+        features = torch.cat([h[:total] for h in aux_hidden_states], dim=-1)
+        scheduled = [i for i, n in enumerate(num_sched) if n]
+        positions = runner._get_positions(total)
+        first_pos = positions[torch.tensor([starts[i] for i in scheduled], dtype=torch.long, device=positions.device)].tolist()
 
         anchors, draft_ids = [], []
-        for i, req_id in enumerate(req_ids):
-            if num_sched[i] == 0:
-                continue
+        rows, valid_counts = [], []  # context to queue: the first valid_counts[j] tokens of each
+        for i, pos in zip(scheduled, first_pos):
+            req_id = req_ids[i]
             spec = scheduler_output.scheduled_spec_decode_tokens.get(req_id, ())
             valid = num_sched[i] - len(spec) + max(len(sampled[i]) - 1, 0)
-            state = self._state(req_id, int(positions[offsets[i]]))
-            self.context.push(state.row, features[int(offsets[i]): int(offsets[i]) + valid])
+            state = self._state(req_id, int(pos))
+            rows.append(state.row)
+            valid_counts.append(valid)
             state.next_pos += valid
             verified = self.pending.pop(req_id, None)
             if verified and sampled[i]:
@@ -238,6 +243,12 @@ class DSparkV1Proposer:
             if sampled[i]:
                 anchors.append(sampled[i][-1])
                 draft_ids.append((i, state.row))
+        if valid_counts != [num_sched[i] for i in scheduled]:  # rejected drafts or idle rows: keep each row's valid prefix
+            mask = np.zeros(total, dtype=bool)
+            for i, valid in zip(scheduled, valid_counts):
+                mask[starts[i]: starts[i] + valid] = True
+            features = features[torch.from_numpy(mask).to(features.device)]
+        self.context.push_step(rows, features, valid_counts)
         out: list[list[int]] = [[] for _ in req_ids]
         if not draft_ids:
             self.context.flush_full()
