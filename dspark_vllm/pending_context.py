@@ -61,9 +61,7 @@ class PendingContext:
                              f"for {features.shape[0]} feature rows")
         total = features.shape[0]
         for row, part in zip(rows, torch.split(features, counts)):
-            if part.shape[0] == 0:
-                continue
-            if total > self.VIEW_MAX_TOKENS and 2 * part.shape[0] < total:
+            if 0 < part.shape[0] and total > self.VIEW_MAX_TOKENS and 2 * part.shape[0] < total:
                 part = part.clone()
             self._append(row, part)
 
