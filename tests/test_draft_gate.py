@@ -45,6 +45,8 @@ def test_gains_per_depth_match_a_direct_search():
     gate = DraftGate(cost, block_size=5)
     gate.observe(np.array([[0.9, 0.7, 0.6, 0.5, 0.4]]), draft_ms=6.0)
     gate.observe(np.array([[0.8, 0.6]] * 3), draft_ms=9.0)
+    gate.observe_ingest(4, 1.5)
+    gate.observe_ingest(40, 6.0)
     for r, load in ((1, StepLoad()), (6, StepLoad(base_tokens=10)), (16, StepLoad(base_tokens=3, max_num_tokens=40))):
         surv = np.cumprod(gate.prior)
         room = max(0, (load.max_num_tokens or 1 << 30) - load.base_tokens - r)
@@ -54,10 +56,34 @@ def test_gains_per_depth_match_a_direct_search():
             best = 0.0
             tokens = sorted(np.repeat(surv[:depth], r), reverse=True)[:room]
             for k in range(1, len(tokens) + 1):
-                ms = cost.step_time_ms(load.base_tokens + r + k) * 1.1 + gate.timer.predict(r * depth)
-                best = max(best, (r + sum(tokens[:k])) / ms)
+                tau = r + sum(tokens[:k])
+                ms = (cost.step_time_ms(load.base_tokens + r + k) * 1.1 + gate.timer.predict(r * depth)
+                      + gate.ingest.predict(tau))
+                best = max(best, tau / ms)
             want.append(best / plain)
         assert gate.gains(r, load) == pytest.approx(want)
+
+
+def test_gate_charges_the_context_each_drafted_step_ingests():
+    """A drafted step projects what it emits into the drafter's cache first; a gate blind to
+    that opens on a gain the ingestion eats (16 requests, numbers of the 2-core CPU: 28 ms to
+    draft one position each, ~0.25 ms per ingested token)."""
+    def gate_for(ingest_ms_per_token: float) -> DraftGate:
+        gate = DraftGate(flat_then_linear(base_ms=116.0, flat=16, slope=3.4), block_size=4)
+        gate.observe(np.tile([0.85, 0.6, 0.5, 0.4], (16, 1)), draft_ms=None)
+        gate.timer.observe(16, 28.0)
+        gate.timer.observe(64, 100.0)
+        if ingest_ms_per_token:
+            gate.observe_ingest(16, 16 * ingest_ms_per_token)
+            gate.observe_ingest(64, 64 * ingest_ms_per_token)
+        return gate
+
+    blind, charged = gate_for(0.0), gate_for(0.25)
+    assert blind.gain(16) > blind.min_gain and blind.should_draft(16)
+    assert charged.gain(16) < charged.min_gain and not charged.should_draft(16)
+    tau = 16 + 16 * 0.85  # one position each, all admitted
+    assert charged.gains(16)[0] == pytest.approx(tau / ((116.0 + 3.4 * 16) + 28.0 + 0.25 * tau) / (16 / 116.0))
+    assert charged.gain(1) > charged.min_gain  # one request: ingesting ~2 tokens is noise
 
 
 def test_gate_drafts_when_verification_is_nearly_free():

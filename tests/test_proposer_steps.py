@@ -10,7 +10,8 @@ import torch
 from dspark_vllm.drafters import SMOLLM2_DRAFTER
 from dspark_vllm.settings import CONFIGS_DIR
 from dspark_vllm.vllm_plugin.patches import ENV_CHECKPOINT, ENV_CONFIG
-from dspark_vllm.vllm_plugin.proposer import DRAFT_TIMING_SIZES, SHALLOW_TIMING_DEPTHS, DSparkV1Proposer
+from dspark_vllm.vllm_plugin.proposer import (DRAFT_TIMING_SIZES, INGEST_TIMING_TOKENS, SHALLOW_TIMING_DEPTHS,
+                                              DSparkV1Proposer)
 
 NUM_REQS = 4
 
@@ -114,6 +115,11 @@ def test_first_draft_times_the_drafter_at_several_batch_sizes(proposer):
     # a measurement, not an extrapolation
     assert timer._s[1] / timer._s[0] < 8 * p.block_size
     assert 0.0 < timer.predict(8) < timer.predict(8 * p.block_size)
+    # ingestion: the step's own flush (26 queued tokens), then a scratch flush per seed size
+    ingest = p.scheduler.gate.ingest
+    assert ingest._s[0] == pytest.approx(sum(ingest.decay ** k for k in range(1 + len(INGEST_TIMING_TOKENS))))
+    assert 0.0 < ingest.predict(8) < ingest.predict(512)
+    assert p.cache.lengths[rows].tolist() == [5, 6, 7, 8]  # the seed flushes left the live cache alone
 
 
 def test_shallow_plan_drafts_only_that_many_positions(proposer, monkeypatch):
@@ -171,6 +177,7 @@ def test_step_trace_records_drafted_and_gated_steps(proposer, tmp_path):
     p.trace.close()
     rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert [r["drafting"] for r in rows] == [NUM_REQS, 0]
-    assert rows[0]["step_ms"] is None and rows[0]["draft_ms"] > 0
+    assert rows[0]["step_ms"] is None and rows[0]["draft_ms"] > 0 and rows[0]["ingest_ms"] > 0
+    assert rows[1]["ingest_ms"] is None  # gated, no backlog at its cap: nothing projected
     assert rows[1]["verified"] == sum(len(d) for d in drafts) and rows[1]["step_ms"] > 0
     assert rows[1]["gain"] is not None and rows[1]["gain"] < 1.0 and rows[1]["emitted"] == NUM_REQS

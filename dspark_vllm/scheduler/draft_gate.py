@@ -11,7 +11,8 @@ cannot bias verification: skipping only means plain decoding for that step):
   drafting D positions each: n = R * D).
 
 With every request assumed to have the prior survivals a_j = prod_{i<=j} c_i, drafting D
-positions admits at best max_{k <= R*D} (R + top-k survivals) / (t(base + R + k) + d(R * D))
+positions admits at best max_{k <= R*D} tau_k / (t(base + R + k) + i(tau_k) + d(R * D)), with
+tau_k = R + the top-k survivals and i the context ingestion (below)
 (the same greedy path the causal policy walks, searched globally). The gate also picks the
 depth D: under load the best k is about one token per request, and a full block of B
 positions costs nearly B times a block of one (SmolLM2 drafter on this CPU at 16 requests:
@@ -39,6 +40,17 @@ cannot keep drafting off for good. Each probe that leaves the gate closed double
 the next one (up to ``max_probe_every``), and an open gate resets it: under steady heavy load
 the probes were most of what a closed gate still cost (2.3% of the vLLM worker's samples at 16
 clients on the 2-core CPU, a py-spy profile).
+
+A drafted step also pays for *ingesting* context: every token a drafting request emitted since
+it last drafted goes through the drafter's fc + norm and every layer's K/V projection before the
+block is drafted (``pending_context.py``). In steady drafting that is the step's own emitted
+tokens, tau(k), so the gate charges ``ingest(tau)`` from a second online line fit, i(n) = a + b n
+ms for n ingested tokens, fed with every flush's wall time. It is not small next to the draft:
+SmolLM2's drafter on one thread of this CPU took 8 ms to ingest 16 requests x 2 tokens and 28 ms
+to draft them one position deep, and the gate that saw only the 28 ms overrated a drafted
+16-request step by ~3%, more than half its margin. A backlog built up while the gate was shut
+is not charged to the step that reopens it: it is the price of the context those plain steps
+decoded, paid once, not a per-step rate.
 """
 
 from __future__ import annotations
@@ -61,9 +73,9 @@ class DraftPlan:
 
 
 class DraftTimer:
-    """Online least-squares fit d(n) = a + b n of the drafter's wall time (ms) per step for n
-    drafted block positions (requests x depth), with exponential forgetting so it follows the
-    machine's current speed."""
+    """Online least-squares fit d(n) = a + b n of a wall time in ms, with exponential forgetting
+    so it follows the machine's current speed: the drafter's forward for n drafted block
+    positions (requests x depth), or the context ingestion of n tokens."""
 
     def __init__(self, decay: float = 0.98) -> None:
         self.decay = decay
@@ -110,7 +122,8 @@ class DraftGate:
         self.drafted_in_a_row = 0
         self.prior: np.ndarray | None = None  # mean calibrated c_k, None until a block is seen
         self.seen = np.zeros(block_size)  # blocks that reached each position (shallow drafts stop early)
-        self.timer = DraftTimer()
+        self.timer = DraftTimer()  # drafter forward: ms for n = requests x depth block positions
+        self.ingest = DraftTimer()  # context ingestion: ms for n tokens projected into the drafter's cache
         self.last_gain: float | None = None  # predicted gain at the depth the last plan chose (tracing)
 
     def observe(self, confidence: np.ndarray, draft_ms: float | None = None) -> None:
@@ -128,6 +141,11 @@ class DraftGate:
             self.prior[:depth] = (1 - weight) * self.prior[:depth] + weight * mean
         if draft_ms is not None and confidence is not None:
             self.timer.observe(np.size(confidence), draft_ms)  # R x D drafted positions
+
+    def observe_ingest(self, num_tokens: int, ms: float) -> None:
+        """Record one context flush: ``num_tokens`` tokens projected in ``ms`` of wall time."""
+        if num_tokens > 0:
+            self.ingest.observe(num_tokens, ms)
 
     def gains(self, num_requests: int, load: StepLoad | None = None) -> np.ndarray:
         """Predicted throughput with drafting / without, for each depth D = 1..B ([B]; >1 pays).
@@ -151,7 +169,8 @@ class DraftGate:
         # rows: depths D = 1..B; columns: k = 1..K admitted tokens, of which k <= R * D exist
         drafted = num_requests * np.arange(1, self.block_size + 1)
         draft_ms = self.timer.predict(drafted)
-        ratio = tau[None, 1:] / (verify_ms[None, 1:] + draft_ms[:, None])
+        ingest_ms = self.ingest.predict(tau[1:])  # steady drafting ingests what each step emits
+        ratio = tau[None, 1:] / (verify_ms[None, 1:] + ingest_ms[None, :] + draft_ms[:, None])
         ratio[k[None, 1:] > drafted[:, None]] = -np.inf
         return ratio.max(axis=1) / plain
 

@@ -112,6 +112,11 @@ class VerifyLengthScheduler:
         if self.gate is not None and confidence is not None:
             self.gate.observe(confidence, draft_ms)
 
+    def observe_ingest(self, num_tokens: int, ms: float) -> None:
+        """Feed one context flush (tokens projected into the drafter's cache, wall time) to the gate."""
+        if self.gate is not None:
+            self.gate.observe_ingest(num_tokens, ms)
+
     def observe_step(self, num_tokens: int, step_ms: float, verified_drafts: int = 0) -> None:
         """Feed an engine step's wall time (drafting excluded) and how many draft tokens it
         verified to the step-cost estimator."""

@@ -51,6 +51,7 @@ ENV_ORACLE = "DSPARK_VLLM_ORACLE"
 ENV_ORACLE_CORRUPT = "DSPARK_VLLM_ORACLE_CORRUPT"
 DRAFT_TIMING_SIZES = (1, 2, 4, 8, 16, 32)  # batch sizes timed once (full block) to seed the gate's d(n) fit
 SHALLOW_TIMING_DEPTHS = (1, 2)  # depths also timed at the largest of those sizes (under load the gate drafts shallow)
+INGEST_TIMING_TOKENS = (1, 4)  # context tokens per row timed once at that size to seed the ingestion fit
 
 
 class OracleHook:
@@ -140,6 +141,7 @@ class DSparkV1Proposer:
         self._warmed_up = False  # first draft pays one-off costs; keep them out of the timer
         self.trace = StepTrace.from_env()  # DSPARK_VLLM_STEP_TRACE: one JSON line per step
         self._last_step: tuple[float | None, int] = (None, 0)  # (ms, verified drafts) of the step that just ended
+        self._ingest_ms: float | None = None  # context flushed during the current call (tracing)
         logger.info("DSpark proposer: %s, block %d, policy %s", checkpoint, self.block_size,
                     self.settings.scheduler.policy)
 
@@ -203,6 +205,7 @@ class DSparkV1Proposer:
                 self.stats.cost_scale = self.scheduler.step_cost.cost.scale
                 self.stats.verify_premium = self.scheduler.step_cost.cost.verify_premium or 1.0
         self._handed_out = 0
+        self._ingest_ms: float | None = None  # context flushed during this call (tracing)
         try:
             return self._propose_step(runner, scheduler_output, sampled_token_ids, aux_hidden_states)
         finally:
@@ -251,7 +254,7 @@ class DSparkV1Proposer:
         self.context.push_step(rows, features, valid_counts)
         out: list[list[int]] = [[] for _ in req_ids]
         if not draft_ids:
-            self.context.flush_full()
+            self._flush(self.context.full_rows())
             self._trace_step(len(req_ids), 0, 0, 0, sampled, None)
             return out
         load = StepLoad(base_tokens=len(req_ids) - len(draft_ids), max_num_tokens=self.max_num_tokens)
@@ -260,7 +263,7 @@ class DSparkV1Proposer:
         if self.oracle is None:
             plan = self.scheduler.plan_draft(len(draft_ids), load)
             if plan.requests == 0:  # gated: plain decoding this step
-                self.context.flush_full()
+                self._flush(self.context.full_rows())
                 self.stats.record_gated()
                 self.stats.maybe_flush()
                 self._trace_step(len(req_ids), ready, 0, 0, sampled, None)
@@ -273,7 +276,7 @@ class DSparkV1Proposer:
         # In cache-row order, so that a full batch drafts from a slice of the cache (rows_view)
         order = sorted(range(len(draft_ids)), key=lambda j: draft_ids[j][1])
         anchors, draft_ids = [anchors[j] for j in order], [draft_ids[j] for j in order]
-        self.context.flush([row for _, row in draft_ids] + self.context.full_rows())
+        self._flush([row for _, row in draft_ids] + self.context.full_rows())
         draft_rows = torch.tensor([row for _, row in draft_ids])
         view = self.cache.rows_view(draft_rows, spare=depth)
         anchor = torch.tensor(anchors, dtype=torch.long)
@@ -313,6 +316,17 @@ class DSparkV1Proposer:
         self._trace_step(len(req_ids), ready, len(draft_ids), depth, sampled, draft_ms)
         return out
 
+    def _flush(self, rows: list[int]) -> None:
+        """Ingest the queued context of ``rows`` and tell the gate what it cost (a drafted
+        step pays it on top of the draft; see ``scheduler/draft_gate.py``)."""
+        if not rows:
+            return
+        t0 = time.perf_counter()
+        tokens = self.context.flush(rows)
+        if tokens:
+            self._ingest_ms = (time.perf_counter() - t0) * 1000.0
+            self.scheduler.observe_ingest(tokens, self._ingest_ms)
+
     def _trace_step(self, batch: int, ready: int, drafting: int, depth: int, sampled: list[list[int]],
                     draft_ms: float | None) -> None:
         if not self.trace.enabled:
@@ -325,6 +339,7 @@ class DSparkV1Proposer:
                          gain=None if gate is None or drafting == 0 and ready == 0 else gate.last_gain,
                          step_ms=None if step_ms is None else round(step_ms, 3), verified=verified,
                          emitted=emitted, draft_ms=None if draft_ms is None else round(draft_ms, 3),
+                         ingest_ms=None if self._ingest_ms is None else round(self._ingest_ms, 3),
                          scale=None if cost is None else round(cost.scale, 4),
                          premium=None if cost is None else cost.verify_premium)
 
@@ -353,6 +368,20 @@ class DSparkV1Proposer:
             block.tokens.cpu()  # waits for the device, as a drafted step does
             self.scheduler.confidences(block.confidence_logits)  # part of a drafted step's cost too
             self.scheduler.gate.timer.observe(size * depth, (time.perf_counter() - t0) * 1000.0)
+        self._time_ingestion(sizes[-1])
+
+    def _time_ingestion(self, rows: int) -> None:
+        """Seed the gate's ingestion line i(n): flush ``INGEST_TIMING_TOKENS`` tokens per row
+        of random features for ``rows`` rows into a scratch cache (the live one holds requests)."""
+        scratch = PendingContext(self.drafter, self.drafter.new_cache(rows))
+        width = self.drafter.fc.in_features  # m target layers x hidden size
+        for per_row in INGEST_TIMING_TOKENS:
+            for row in range(rows):
+                scratch.push(row, torch.randn(per_row, width, dtype=self.drafter.dtype, device=self.drafter.device))
+            t0 = time.perf_counter()
+            tokens = scratch.flush()
+            scratch.cache.lengths.cpu()  # waits for the device
+            self.scheduler.gate.observe_ingest(tokens, (time.perf_counter() - t0) * 1000.0)
 
     def _draft_temperatures(self, runner, rows: list[int]) -> torch.Tensor:
         """Per-request draft temperature: the request's own under ``draft_sampling: probabilistic``

@@ -11,7 +11,8 @@ to draft from), ``drafting`` (requests that drafted: 0 = gated, 1 = a probe when
 ``depth``, ``gain`` (the gate's predicted gain at the chosen depth, null without a gate or
 before its first block), ``step_ms`` (wall time of the engine step that just ended, drafting
 excluded), ``verified`` (draft tokens that step verified), ``emitted`` (tokens it produced),
-``draft_ms`` (this step's drafter time), ``scale``/``premium`` (learned step-cost factors).
+``draft_ms`` (this step's drafter time), ``ingest_ms`` (context projected into the drafter's
+cache this step, null if none), ``scale``/``premium`` (learned step-cost factors).
 """
 
 from __future__ import annotations
