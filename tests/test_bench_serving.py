@@ -1,5 +1,7 @@
 """Serving benchmark bookkeeping (the servers themselves are exercised by the demo and CI)."""
 
+import pytest
+
 from dspark_vllm.bench.serving import pool_rounds
 
 
@@ -96,9 +98,32 @@ def test_both_baselines_ratio_pools_tokens_and_wall_time_of_the_two_no_spec_serv
     assert both_baselines_ratio({"tok_s": 78.0}, base, control) > 1.0 > 78.0 / 80.0
 
 
-def test_variants_name_extra_servers_and_reject_bad_input(tmp_path):
-    import pytest
+def test_twins_pool_two_instances_of_each_configuration_against_both_baselines():
+    """--twins: every speculative server gets a twin; the report pools each pair of instances
+    (total tokens / total wall time) against the two no-spec servers pooled."""
+    from dspark_vllm.bench.serving import _ratios, add_twins, pooled_ratio
 
+    spec = {"method": "dspark"}
+    configs = add_twins([("no-spec", None, {}), ("dspark-fixed", spec, {"A": "1"}), ("dspark-load-aware", spec, {})])
+    assert [c[0] for c in configs] == ["no-spec", "dspark-fixed", "dspark-fixed-twin", "dspark-load-aware",
+                                      "dspark-load-aware-twin"]
+    assert configs[2][1:] == (spec, {"A": "1"})  # the twin is the same server
+
+    def row(config: str, tokens: int, wall: float) -> dict:
+        return {"config": config, "concurrency": 16, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+                "latency_mean_s": 1.0, "answers": {"0": "x"}}
+
+    rows = [row("no-spec", 900, 10.0), row("no-spec-control", 700, 10.0),  # pooled 80 tok/s
+            row("dspark-load-aware", 700, 10.0), row("dspark-load-aware-twin", 1000, 10.0)]  # pooled 85
+    out = {"rows": rows, "runs": []}
+    _ratios(out)
+    assert rows[2]["ratio"] == pytest.approx(700 / 900)  # against one instance: 0.78x
+    assert rows[2]["ratio_both_instances"] == pytest.approx(85 / 80)  # both against both: 1.06x
+    assert "ratio_both_instances" not in rows[3]  # reported once, on the configuration itself
+    assert pooled_ratio([rows[2]], [rows[0]]) == pytest.approx(rows[2]["ratio"])
+
+
+def test_variants_name_extra_servers_and_reject_bad_input(tmp_path):
     from dspark_vllm.bench.serving import parse_variants
 
     good = tmp_path / "margin.yaml"
@@ -110,6 +135,6 @@ def test_variants_name_extra_servers_and_reject_bad_input(tmp_path):
     lost.write_text("scheduler:\n  cost_profile: profiles/none.json\n")
     for specs, words in (([f"m={bad}"], "gate_min_gain"), ([str(good)], "NAME=SETTINGS"),
                          ([f"no-spec={good}"], "already used"), ([f"a={good}", f"a={good}"], "already used"),
-                         ([f"m={lost}"], "does not exist")):
+                         ([f"m={lost}"], "does not exist"), ([f"m-twin={good}"], "--twins")):
         with pytest.raises(SystemExit, match=words):
             parse_variants(specs, ["no-spec"])

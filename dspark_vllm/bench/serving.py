@@ -31,6 +31,13 @@ yardstick for reading every other ratio (is 0.96 slower than 1.0, or the machine
 configuration is also divided by both no-spec servers pooled, a baseline of two instances. Each
 configuration's per-run ratios are summarised by their geometric mean and a 95% confidence
 interval (Student t over log ratios; runs are paired with the no-spec run beside them).
+
+``--twins`` goes one step further (and implies ``--control``): every speculative configuration
+gets a second instance too (``NAME-twin``), and each is reported pooled over its two instances
+against both no-spec servers pooled. Why: one server instance can sit 7-19% from its identical
+twin for its whole life (2026-12-02: a control read 0.81x at 4 clients in all three runs), so
+with one instance per side a configuration that decodes plainly at 16 clients still reads
+0.94x or 1.08x depending on which instances the run happened to start.
 """
 
 from __future__ import annotations
@@ -171,6 +178,9 @@ def run(args: argparse.Namespace) -> dict:
         configs = [c for c in configs if c[0] in args.configs]
     for name, yaml_path in parse_variants(args.variant or [], [name for name, _, _ in configs]):
         configs.append((name, spec, {"DSPARK_VLLM_CONFIG": yaml_path}))
+    if args.twins:
+        args.control = True
+        configs = add_twins(configs)
     if args.control:  # next to no-spec in every turn order (see run_order)
         configs.insert(1, ("no-spec-control", None, {}))
     logs = Path(args.logs)
@@ -181,6 +191,29 @@ def run(args: argparse.Namespace) -> dict:
     out["rows"] = pool_rounds(out["runs"], [name for name, _, _ in configs])
     _ratios(out)
     return out
+
+
+TWIN_SUFFIX = "-twin"
+
+
+def add_twins(configs: list[tuple]) -> list[tuple]:
+    """Each speculative configuration followed by a second instance of it, ``NAME-twin``
+    (no-spec gets its second instance from ``--control``)."""
+    out = []
+    for name, spec, env in configs:
+        out.append((name, spec, env))
+        if spec is not None:
+            out.append((name + TWIN_SUFFIX, spec, env))
+    return out
+
+
+def pooled_ratio(rows: list[dict], base_rows: list[dict]) -> float:
+    """Total tokens over total wall time of ``rows`` divided by the same of ``base_rows``:
+    several server instances of one configuration against several of the baseline."""
+    def rate(group: list[dict]) -> float:
+        return sum(r["tokens"] for r in group) / sum(r["wall_s"] for r in group)
+
+    return rate(rows) / rate(base_rows)
 
 
 def parse_variants(specs: list[str], taken: list[str]) -> list[tuple[str, str]]:
@@ -196,6 +229,8 @@ def parse_variants(specs: list[str], taken: list[str]) -> list[tuple[str, str]]:
             raise SystemExit(f"--variant {spec!r}: expected NAME=SETTINGS.yaml")
         if name in taken or name in (n for n, _ in out) or name == "no-spec-control":
             raise SystemExit(f"--variant {spec!r}: the name {name!r} is already used; pick another")
+        if name.endswith(TWIN_SUFFIX):
+            raise SystemExit(f"--variant {spec!r}: names ending in {TWIN_SUFFIX!r} are kept for --twins; pick another")
         try:
             settings = load_settings(path)
         except SettingsError as exc:
@@ -344,6 +379,15 @@ def _ratios(out: dict) -> None:
         if b and ctl and not r["config"].startswith("no-spec"):
             r["ratio_vs_both_baselines"] = both = both_baselines_ratio(r, b, ctl)
             print(f"{r['config']:>18} {r['concurrency']:>3}  {both:.2f}x")
+    twins = {(r["config"][: -len(TWIN_SUFFIX)], r["concurrency"]): r for r in out["rows"]
+             if r["config"].endswith(TWIN_SUFFIX)}
+    if twins and controls:
+        print("\npooled over both instances of each configuration, against both no-spec servers:")
+    for r in out["rows"]:
+        twin, b, ctl = twins.get((r["config"], r["concurrency"])), base.get(r["concurrency"]), controls.get(r["concurrency"])
+        if twin and b and ctl:
+            r["ratio_both_instances"] = both = pooled_ratio([r, twin], [b, ctl])
+            print(f"{r['config']:>18} {r['concurrency']:>3}  {both:.2f}x")
 
 
 def plot(out: dict, path: str) -> None:
@@ -386,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
                         "in one run, e.g. --variant margin-1.15=my.yaml")
     p.add_argument("--control", action="store_true",
                    help="add a second no-speculation server (no-spec-control): its ratios are this run's noise")
+    p.add_argument("--twins", action="store_true",
+                   help="a second instance of every DSpark configuration too (implies --control); each is also "
+                        "reported pooled over its two instances against both no-spec servers")
     p.add_argument("--warmup-runs", type=int, default=1,
                    help="discarded runs per server at the highest concurrency after every start: a fresh server's "
                         "first run at 16 clients was ~10%% slower for every configuration (allocator, caches), and "
