@@ -205,7 +205,7 @@ class DSparkV1Proposer:
                 self.stats.cost_scale = self.scheduler.step_cost.cost.scale
                 self.stats.verify_premium = self.scheduler.step_cost.cost.verify_premium or 1.0
         self._handed_out = 0
-        self._ingest_ms: float | None = None  # context flushed during this call (tracing)
+        self._ingest_ms = None  # context flushed during this call (tracing)
         try:
             return self._propose_step(runner, scheduler_output, sampled_token_ids, aux_hidden_states)
         finally:
