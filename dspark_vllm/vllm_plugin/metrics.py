@@ -6,7 +6,11 @@ the worker side (:class:`DSparkStats`) rewrites ``$DSPARK_VLLM_METRICS_DIR/<pid>
 every ``flush_interval_s``; the API-server side (:class:`DSparkCollector`, registered in
 prometheus_client's default registry by the plugin's ``register()``) sums every snapshot in that
 folder at scrape time. ``register()`` creates the folder before vLLM starts the engine process,
-which inherits the variable. (With several API servers vLLM switches prometheus_client to
+which inherits the variable. The folder lives in RAM (``/dev/shm``) where there is one: the
+worker rewrites its snapshot with a rename on the step's critical path, and on a disk-backed
+``/tmp`` (ext4 flushes a file renamed over another) that rename took 7.6 ms on average in a
+served 16-client run here, ~3 ms per step once spread over the steps between snapshots; on
+tmpfs it costs ~0.4 ms per snapshot. (With several API servers vLLM switches prometheus_client to
 multiprocess mode and these metrics are not exported.)
 
 Exported series (position k = 0-based draft index):
@@ -36,6 +40,13 @@ from pathlib import Path
 
 ENV_METRICS_DIR = "DSPARK_VLLM_METRICS_DIR"
 ENV_FLUSH_S = "DSPARK_VLLM_METRICS_FLUSH_S"  # snapshot interval, default 0.5 s
+RAM_DIR = Path("/dev/shm")
+
+
+def snapshot_parent(ram_dir: Path = RAM_DIR) -> str | None:
+    """Where the snapshot folder is made: ``ram_dir`` if it is a writable folder (Linux tmpfs),
+    else None (the system temp folder). See the module docstring for why."""
+    return str(ram_dir) if ram_dir.is_dir() and os.access(ram_dir, os.W_OK | os.X_OK) else None
 PREFIX = "dspark:"
 
 
@@ -178,7 +189,7 @@ def install_collector() -> None:
         return
     folder = os.environ.get(ENV_METRICS_DIR)
     if not folder:
-        folder = tempfile.mkdtemp(prefix="dspark-metrics-")
+        folder = tempfile.mkdtemp(prefix="dspark-metrics-", dir=snapshot_parent())
         os.environ[ENV_METRICS_DIR] = folder
     try:
         from prometheus_client import REGISTRY
