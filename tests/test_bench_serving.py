@@ -63,6 +63,20 @@ def test_repeats_mirror_the_order_so_each_config_is_first_as_often_as_last():
     assert run_order(names, 0, 1, 0) == ["la", "no-spec"]  # the next concurrency mirrors too
 
 
+def test_turn_order_alternates_baselines_and_speculative_servers():
+    from dspark_vllm.bench.serving import run_order, turn_order
+
+    names = ["no-spec", "no-spec-control", "la", "la-twin"]
+    order = turn_order(names, ["no-spec", "no-spec-control"])
+    assert order == ["no-spec", "la", "no-spec-control", "la-twin"]
+    # mirrored over a pair of repeats, each side's mean position is the same
+    pair = [run_order(order, 0, 0, rep) for rep in range(2)]
+    pos = {n: sum(o.index(n) for o in pair) for n in names}
+    assert pos["no-spec"] + pos["no-spec-control"] == pos["la"] + pos["la-twin"]
+    # more speculative servers than baselines: the rest follow in their own order
+    assert turn_order(["no-spec", "a", "a-twin", "b"], ["no-spec"]) == ["no-spec", "a", "a-twin", "b"]
+
+
 def test_paired_ratios_divide_by_the_baseline_run_of_the_same_round_and_repeat():
     from dspark_vllm.bench.serving import paired_ratios
 

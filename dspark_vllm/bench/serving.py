@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.twins:
         args.control = True
         configs = add_twins(configs)
-    if args.control:  # next to no-spec in every turn order (see run_order)
+    if args.control:  # reported next to no-spec; driven in turn_order
         configs.insert(1, ("no-spec-control", None, {}))
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
@@ -247,7 +247,7 @@ def _run_round(rnd: int, configs: list, target: str, prompts: list[str], args: a
                out: dict) -> None:
     """Fresh servers for every configuration, then each concurrency on each server in turn."""
     servers: dict[str, Server] = {}
-    names = [name for name, _, _ in configs]
+    names = turn_order([name for name, _, _ in configs], [name for name, spec, _ in configs if spec is None])
     try:
         for name, spec_cfg, env in configs:  # one at a time: start-ups compete for the CPU
             servers[name] = Server(target, spec_cfg, env, max(args.concurrency), logs / f"{name}-{rnd}.log")
@@ -272,6 +272,21 @@ def _run_round(rnd: int, configs: list, target: str, prompts: list[str], args: a
     finally:
         for server in servers.values():
             server.stop()
+
+
+def turn_order(names: list[str], baselines: list[str]) -> list[str]:
+    """The servers' turn order within one repeat: baselines and speculative servers alternate
+    (no-spec, A, no-spec-control, A-twin, ...), so no two instances of one side always run
+    back to back. Why: on this machine runs late in a turn order were repeatedly slower
+    (2026-12-02, 16 clients, order no-spec control DSpark DSpark-twin: 1.00 1.00 0.93 0.87,
+    then mirrored 0.99 0.96 0.90 1.00, then 1.00 0.96 0.81 0.78 of the first), and with both
+    DSpark instances adjacent an odd number of repeats put them at the slow end twice in three."""
+    base = [n for n in names if n in baselines]
+    rest = [n for n in names if n not in baselines]
+    out: list[str] = []
+    while base or rest:
+        out += [side.pop(0) for side in (base, rest) if side]
+    return out
 
 
 def run_order(names: list[str], rnd: int, ci: int, rep: int) -> list[str]:
@@ -424,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2,
                    help="repeat everything, mirroring the config order every other time, and pool (noisy machines)")
     p.add_argument("--repeats", type=int, default=1,
-                   help="drive each concurrency this many times per round, mirroring the order (A B, B A)")
+                   help="drive each concurrency this many times per round, mirroring the order (A B, B A); "
+                        "an even number pairs every order with its mirror")
     p.add_argument("--variant", action="append", metavar="NAME=YAML",
                    help="an extra DSpark server named NAME with these settings (repeatable): compare tunings "
                         "in one run, e.g. --variant margin-1.15=my.yaml")
