@@ -54,3 +54,17 @@ def test_snapshot_folder_goes_to_ram_when_there_is_one(tmp_path):
     assert snapshot_parent(tmp_path / "absent") is None
     (tmp_path / "a-file").write_text("")
     assert snapshot_parent(tmp_path / "a-file") is None
+
+
+def test_snapshot_folder_is_removed_only_by_the_process_that_made_it(tmp_path):
+    import os
+
+    from dspark_vllm.vllm_plugin.metrics import remove_snapshot_folder
+
+    folder = tmp_path / "dspark-metrics-x"
+    folder.mkdir()
+    (folder / "123.json").write_text("{}")
+    remove_snapshot_folder(str(folder), owner_pid=os.getpid() + 1)  # a forked child exiting
+    assert folder.exists()
+    remove_snapshot_folder(str(folder), owner_pid=os.getpid())
+    assert not folder.exists()

@@ -32,8 +32,10 @@ Exported series (position k = 0-based draft index):
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -181,6 +183,13 @@ class DSparkCollector:
 _COLLECTOR: DSparkCollector | None = None
 
 
+def remove_snapshot_folder(folder: str, owner_pid: int) -> None:
+    """At exit of the process that made the folder (not of a forked child): snapshots live in
+    RAM, so a folder left by every server start would add up."""
+    if os.getpid() == owner_pid:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def install_collector() -> None:
     """Create the snapshot folder (inherited by the engine process) and register the collector
     once per process."""
@@ -191,6 +200,7 @@ def install_collector() -> None:
     if not folder:
         folder = tempfile.mkdtemp(prefix="dspark-metrics-", dir=snapshot_parent())
         os.environ[ENV_METRICS_DIR] = folder
+        atexit.register(remove_snapshot_folder, folder, os.getpid())
     try:
         from prometheus_client import REGISTRY
     except ImportError:
