@@ -43,13 +43,13 @@ from pathlib import Path
 ENV_METRICS_DIR = "DSPARK_VLLM_METRICS_DIR"
 ENV_FLUSH_S = "DSPARK_VLLM_METRICS_FLUSH_S"  # snapshot interval, default 0.5 s
 RAM_DIR = Path("/dev/shm")
+PREFIX = "dspark:"
 
 
 def snapshot_parent(ram_dir: Path = RAM_DIR) -> str | None:
     """Where the snapshot folder is made: ``ram_dir`` if it is a writable folder (Linux tmpfs),
     else None (the system temp folder). See the module docstring for why."""
     return str(ram_dir) if ram_dir.is_dir() and os.access(ram_dir, os.W_OK | os.X_OK) else None
-PREFIX = "dspark:"
 
 
 class DSparkStats:
