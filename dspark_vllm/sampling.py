@@ -17,6 +17,7 @@ import torch
 from .heads import ConfidenceHead, MarkovHead
 
 GREEDY_EPS = 1e-5
+SEED_LIMIT = 2**31 - 1  # per-request draft seeds are drawn from [0, SEED_LIMIT): int32-safe in kernels
 
 
 @dataclass
@@ -48,25 +49,27 @@ def safe_temperature(temperature: torch.Tensor) -> torch.Tensor:
 
 
 def sample_logits(
-    logits: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator | None = None
+    logits: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator | None = None,
+    greedy_all: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of logits [N, V]; return (tokens [N], probs [N, V] fp32).
 
     probs is softmax(logits / T) for sampled rows and one-hot(argmax) for greedy rows, i.e.
-    always the exact distribution the token was drawn from.
+    always the exact distribution the token was drawn from. ``greedy_all``: whether every
+    temperature is 0, when the caller already knows (else one device check).
     """
     logits = logits.float()
     greedy = is_greedy(temperature)
     argmax = logits.argmax(dim=-1)
-    if bool(greedy.all()):  # fast path: no softmax, q is one-hot
+    if greedy_all is None:
+        greedy_all = bool(greedy.all())
+    if greedy_all:  # fast path: no softmax, q is one-hot
         return argmax, torch.nn.functional.one_hot(argmax, logits.shape[-1]).float()
     probs = torch.softmax(logits / safe_temperature(temperature)[:, None], dim=-1)
     sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     tokens = torch.where(greedy, argmax, sampled)
-    if bool(greedy.any()):
-        one_hot = torch.nn.functional.one_hot(argmax, logits.shape[-1]).float()
-        probs = torch.where(greedy[:, None], one_hot, probs)
-    return tokens, probs
+    one_hot = torch.nn.functional.one_hot(argmax, logits.shape[-1]).float()
+    return tokens, torch.where(greedy[:, None], one_hot, probs)
 
 
 def sample_block(
@@ -79,6 +82,7 @@ def sample_block(
     confidence_with_markov: bool,
     generator: torch.Generator | None = None,
     vocab: torch.Tensor | None = None,
+    greedy_all: bool | None = None,
 ) -> DraftBlock:
     """Draft a block left to right.
 
@@ -88,7 +92,8 @@ def sample_block(
     ids, tokens come back as target ids and probs stay [N, B, K] in vocab order.
     """
     n, block, _ = base_logits.shape
-    greedy_all = bool(is_greedy(temperature).all())
+    if greedy_all is None:
+        greedy_all = bool(is_greedy(temperature).all())
     prev = anchor
     state = None if markov_head is None else markov_head.init_state(n, hidden.device, hidden.dtype)
     tokens, probs = [], []
@@ -100,7 +105,7 @@ def sample_block(
         if greedy_all:  # q is one-hot and never materialised
             tok = logits.argmax(dim=-1)
         else:
-            tok, prob = sample_logits(logits, temperature, generator)
+            tok, prob = sample_logits(logits, temperature, generator, greedy_all=False)
             probs.append(prob)
         if vocab is not None:
             tok = vocab[tok]

@@ -61,6 +61,7 @@ def markov_sample_reference(
     hidden: torch.Tensor | None = None,
     conf_weight: torch.Tensor | None = None,
     conf_bias: torch.Tensor | None = None,
+    all_greedy: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Reference: (tokens [N, B] int64, lse [N, B] fp32, conf_logits [N, B] fp32 or None).
 
@@ -72,7 +73,8 @@ def markov_sample_reference(
     inv_t = inverse_temperature(temperature)
     w2f = w2.float()
     prev = anchor.long()
-    all_greedy = bool(greedy.all())
+    if all_greedy is None:  # callers that know it from host data save this device check
+        all_greedy = bool(greedy.all())
     tokens, lses, confs = [], [], []
     for k in range(block):
         e = w1[prev].float()
@@ -102,7 +104,5 @@ def markov_draft_probs(base_logits: torch.Tensor, w1: torch.Tensor, w2: torch.Te
     greedy = temperature < GREEDY_EPS
     inv_t = inverse_temperature(temperature)
     probs = torch.softmax(z * inv_t.view(-1, 1, 1), dim=-1)
-    if bool(greedy.any()):
-        one_hot = torch.nn.functional.one_hot(tokens, z.shape[-1]).float()
-        probs = torch.where(greedy.view(-1, 1, 1), one_hot, probs)
-    return probs
+    one_hot = torch.nn.functional.one_hot(tokens, z.shape[-1]).float()
+    return torch.where(greedy.view(-1, 1, 1), one_hot, probs)

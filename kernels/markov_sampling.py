@@ -74,8 +74,9 @@ def markov_sample_triton(base_logits, w1, w2, anchor, temperature, seeds, hidden
 
 
 def markov_sample(base_logits, w1, w2, anchor, temperature, seeds, hidden=None, conf_weight=None,
-                  conf_bias=None, backend: str = "auto"):
-    """Fused Markov sampling; returns (tokens [N, B], lse [N, B], conf_logits [N, B] | None)."""
+                  conf_bias=None, backend: str = "auto", all_greedy: bool | None = None):
+    """Fused Markov sampling; returns (tokens [N, B], lse [N, B], conf_logits [N, B] | None).
+    ``all_greedy`` (every temperature 0, known from host data) spares the reference a device check."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be auto, triton or torch, got {backend!r}")
     use_triton = backend == "triton" or (backend == "auto" and base_logits.is_cuda and triton_available(base_logits.device))
@@ -83,4 +84,5 @@ def markov_sample(base_logits, w1, w2, anchor, temperature, seeds, hidden=None, 
         if not triton_available(base_logits.device):
             raise RuntimeError("Triton cannot run here: use CUDA tensors or set TRITON_INTERPRET=1 before import")
         return markov_sample_triton(base_logits, w1, w2, anchor, temperature, seeds, hidden, conf_weight, conf_bias)
-    return markov_sample_reference(base_logits, w1, w2, anchor, temperature, seeds, hidden, conf_weight, conf_bias)
+    return markov_sample_reference(base_logits, w1, w2, anchor, temperature, seeds, hidden, conf_weight, conf_bias,
+                                   all_greedy=all_greedy)
