@@ -1,13 +1,40 @@
-"""Per-layer draft context K/V kept across rounds (DeepSpec's DynamicCache + crop, batched).
+"""Dense per-request draft context K/V (DeepSpec's DynamicCache + crop, batched).
 
 Only *context* K/V (projections of fused target hidden states) live here; the block's own K/V
 are recomputed every round and never stored, so nothing needs rolling back after rejections.
 Rows are requests; each row has its own valid length, and the rest of its capacity is masked.
+
+This is the cache of the reference decoder and of training checks: a few rows, sized by the
+longest one. The vLLM path keeps its context in :mod:`dspark_vllm.paged_context` instead,
+addressed like vLLM's own paged KV cache, so its memory is bounded by the engine's budget.
+Both hand the drafter a :class:`ContextView`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class ContextView:
+    """What one block forward attends to, for N requests.
+
+    keys/values: per draft layer [N, n_kv, T + spare, d]; the first T slots are context (valid
+    where ``mask`` [N, T] is True), the last ``spare`` slots are scratch where the block may put
+    its own K/V in place. ``positions`` [N]: absolute position of each block's first token (the
+    anchor); block token j sits at positions + j."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    positions: torch.Tensor
+    spare: int = 0
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
 
 
 class ContextKVCache:
@@ -67,33 +94,27 @@ class ContextKVCache:
             self.values[layer][dst, :, dest] = v.to(self.values[layer].dtype)
         self.lengths[rows] += counts
 
-    def rows_view(self, rows: torch.Tensor, spare: int = 0) -> "ContextKVCache":
-        """Some rows (the requests that draft), with ``spare`` free slots past their longest row,
-        where a draft block of that many positions puts its K/V in place.
+    def view(self, rows: torch.Tensor | None = None, spare: int = 0) -> ContextView:
+        """Some rows (default: all), with ``spare`` free slots past their longest row, where a
+        draft block of that many positions puts its K/V in place.
 
-        Ascending consecutive rows (every request of a full batch, sorted by row) are a slice of
-        this cache, shared and not copied: the block's K/V then land in slots past every listed
-        row's valid length, which the next append overwrites. Any other selection is gathered
-        into a copy; dropping that copy took a depth-1 draft of 16 requests with ~250 context tokens
-        from 24.7 to 18.7 ms on the 2-core CPU (one thread)."""
-        view = object.__new__(ContextKVCache)
-        view.num_layers = self.num_layers
-        view.lengths = self.lengths[rows]
-        upto = int(view.lengths.max()) if len(rows) else 0
+        Ascending consecutive rows are a slice of this cache, shared and not copied: the block's
+        K/V then land in slots past every listed row's valid length, which the next append
+        overwrites. Any other selection is gathered into a copy. Positions count from each
+        row's first context token."""
+        lengths = self.lengths if rows is None else self.lengths[rows]
+        n = lengths.shape[0]
+        upto = int(lengths.max()) if n else 0
         if upto + spare > self.capacity:
             self._grow(upto + spare)
-        pick: slice | torch.Tensor = rows
-        if len(rows) and _is_consecutive(rows):
+        pick: slice | torch.Tensor = slice(0, n) if rows is None else rows
+        if rows is not None and n and _is_consecutive(rows):
             first = int(rows[0])
-            pick = slice(first, first + len(rows))
-        view.keys = [k[pick, :, :upto + spare] for k in self.keys]
-        view.values = [v[pick, :, :upto + spare] for v in self.values]
-        return view
-
-    def valid_mask(self, upto: int | None = None) -> torch.Tensor:
-        """Bool [N, upto] marking each row's valid context slots."""
-        upto = self.capacity if upto is None else upto
-        return torch.arange(upto, device=self.lengths.device)[None, :] < self.lengths[:, None]
+            pick = slice(first, first + n)
+        mask = torch.arange(upto, device=lengths.device)[None, :] < lengths[:, None]
+        return ContextView(keys=[k[pick, :, :upto + spare] for k in self.keys],
+                           values=[v[pick, :, :upto + spare] for v in self.values],
+                           mask=mask, positions=lengths, spare=spare)
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Forget the context of the given rows (a request slot was reused)."""

@@ -1,15 +1,16 @@
 """The DSpark drafter as a plain ``torch.nn.Module`` (no vLLM import).
 
 Round structure (inference):
-1. ``add_context``: fuse newly verified target hidden states from the listed layers,
-   H_ctx = hidden_norm(fc([h^(l1); ...; h^(lm)])), project them to every layer's K/V and append
-   to the per-request :class:`ContextKVCache`.
+1. ``add_context`` / ``project_context``: fuse newly verified target hidden states from the
+   listed layers, H_ctx = hidden_norm(fc([h^(l1); ...; h^(lm)])), and project them to every
+   layer's K/V: appended to a dense :class:`ContextKVCache` (reference decoder), or written to
+   a :class:`PagedContextPool` at the target's slot numbers (vLLM).
 2. ``propose``: run the block [anchor, MASK x (B-1)] at positions p_anchor + j through the layers
    (non-causal inside the block, all cached context visible), get h_0..h_{B-1} and base logits
    U_k = lm_head(h_k) (soft-capped for Gemma4), then sample left to right through the Markov head
    and score each position with the confidence head.
 
-Parameter names equal the DeepSpec checkpoint tensor names (spec §1.3).
+Parameter names equal the DeepSpec checkpoint tensor names (see the README's *Checkpoints*).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from torch import nn
 
 from .backbone import DSparkDecoderLayer, build_rotary, rotary_cos_sin
 from .config import DSparkConfig
-from .context_cache import ContextKVCache
+from .context_cache import ContextKVCache, ContextView
+from .paged_context import PagedContextPool, PagedContextView
 from .heads import ConfidenceHead, build_markov_head
-from .sampling import DraftBlock, is_greedy, sample_block
+from .sampling import SEED_LIMIT, DraftBlock, is_greedy, sample_block
 
 
 class DSparkDrafter(nn.Module):
@@ -127,6 +129,15 @@ class DSparkDrafter(nn.Module):
         return ContextKVCache(len(self.layers), batch, attn.num_kv_heads, attn.head_dim,
                               self.device, self.dtype, capacity)
 
+    def context_bytes_per_token(self) -> int:
+        """Draft context K/V of one token over all draft layers (what a pool slot costs)."""
+        attn = self.layers[0].self_attn
+        return PagedContextPool.bytes_per_token(len(self.layers), attn.num_kv_heads, attn.head_dim, self.dtype)
+
+    def new_pool(self, num_slots: int) -> PagedContextPool:
+        attn = self.layers[0].self_attn
+        return PagedContextPool(len(self.layers), num_slots, attn.num_kv_heads, attn.head_dim, self.device, self.dtype)
+
     # ---- context ---------------------------------------------------------------------------
     def fuse_context(self, target_hidden: torch.Tensor) -> torch.Tensor:
         """[..., m*H] concatenated target layer outputs -> [..., H] fused context H_ctx."""
@@ -164,14 +175,20 @@ class DSparkDrafter(nn.Module):
         if int(counts.sum()) != total:
             raise ValueError(f"add_context_packed: counts sum to {int(counts.sum())} but {total} positions were given")
         _, positions = cache.packed_slots(counts, rows)
-        positions = positions[None, :].to(self.device)
+        cache.append_packed(self.project_context(target_hidden, positions), counts, rows)
+
+    @torch.no_grad()
+    def project_context(self, target_hidden: torch.Tensor,
+                        positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Context K/V of S tokens: target_hidden [S, m*H] at absolute ``positions`` [S] ->
+        per draft layer (k, v), each [S, n_kv, d]."""
         ctx = self.fuse_context(target_hidden)[None]  # [1, S, H]
-        cos, sin = rotary_cos_sin(self.rotary_emb, self.family, ctx, positions)
+        cos, sin = rotary_cos_sin(self.rotary_emb, self.family, ctx, positions[None, :].to(self.device))
         layer_kv = []
         for layer in self.layers:
             k, v = layer.self_attn.project_kv(ctx, cos, sin)  # [1, n_kv, S, d]
-            layer_kv.append((k[0].transpose(0, 1), v[0].transpose(0, 1)))  # [S, n_kv, d]
-        cache.append_packed(layer_kv, counts, rows)
+            layer_kv.append((k[0].transpose(0, 1), v[0].transpose(0, 1)))
+        return layer_kv
 
     # ---- block -----------------------------------------------------------------------------
     def block_input_ids(self, anchor: torch.Tensor, depth: int | None = None) -> torch.Tensor:
@@ -188,25 +205,34 @@ class DSparkDrafter(nn.Module):
             raise ValueError(f"draft depth must be in 1..{self.block_size} (the trained block size), got {depth}")
         return int(depth)
 
-    def forward_block(self, anchor: torch.Tensor, cache: ContextKVCache, depth: int | None = None) -> torch.Tensor:
+    def forward_block(self, anchor: torch.Tensor, context: ContextKVCache | ContextView | PagedContextView,
+                      depth: int | None = None) -> torch.Tensor:
         """Final-normed hidden states h [N, D, H] for the block [anchor, MASK x (D-1)].
 
         D defaults to the trained block size B. A shorter block (D < B) drafts only the first D
-        positions at D/B of the cost; they attend to fewer MASK positions than in training, which
-        left acceptance at those positions unchanged for the shipped SmolLM2 drafter (gsm8k T=0,
-        conditional acceptance at k=0..2: 0.64/0.66/0.72 at D=7, 0.66/0.68/0.75 at D=3)."""
+        positions at about D/B of the cost; they attend to fewer MASK positions than in training,
+        which is why the draft gate chooses D from measured acceptance, not from the cost alone.
+        A paged context is drafted in chunks of requests (see :meth:`PagedContextView.chunks`);
+        a dense cache drafts every row in place."""
         depth = self.check_depth(depth)
+        if isinstance(context, PagedContextView):
+            parts = [self._forward_view(anchor[rows], view, depth) for rows, view in context.chunks(depth)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if isinstance(context, ContextKVCache):
+            # Slots past the longest row are free: the block's K/V go there in place.
+            upto = int(context.lengths.max()) if context.batch else 0
+            context = context.view(spare=depth if context.capacity >= upto + depth else 0)
+        return self._forward_view(anchor, context, depth)
+
+    def _forward_view(self, anchor: torch.Tensor, view: ContextView, depth: int) -> torch.Tensor:
         x = self.embed_tokens(self.block_input_ids(anchor, depth))
-        positions = cache.lengths.to(x.device)[:, None] + torch.arange(depth, device=x.device)[None, :]
+        positions = view.positions.to(x.device)[:, None] + torch.arange(depth, device=x.device)[None, :]
         cos, sin = rotary_cos_sin(self.rotary_emb, self.family, x, positions)
-        upto = int(cache.lengths.max()) if cache.batch else 0
-        mask = cache.valid_mask(upto)
-        # Slots past the longest context are free: the block's K/V go there in place (no copy of
-        # the context per layer) when the cache's dtype and capacity allow.
-        in_place = cache.capacity >= upto + depth and cache.keys[0].dtype == x.dtype
+        upto = view.mask.shape[1]
+        in_place = view.spare >= depth and view.keys[0].dtype == x.dtype
         end = upto + depth if in_place else upto
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.keys[i][:, :, :end], cache.values[i][:, :, :end], mask, in_place)
+            x = layer(x, cos, sin, view.keys[i][:, :, :end], view.values[i][:, :, :end], view.mask, in_place)
         return self.norm(x)
 
     def base_logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
@@ -230,9 +256,10 @@ class DSparkDrafter(nn.Module):
         return head is not None and head.head_type == "vanilla" and conf_ok
 
     @torch.no_grad()
-    def propose(self, anchor: torch.Tensor, cache: ContextKVCache, temperature: torch.Tensor,
-                generator: torch.Generator | None = None, fused: bool = False,
-                seeds: torch.Tensor | None = None, depth: int | None = None) -> DraftBlock:
+    def propose(self, anchor: torch.Tensor, cache: ContextKVCache | ContextView | PagedContextView,
+                temperature: torch.Tensor, generator: torch.Generator | None = None, fused: bool = False,
+                seeds: torch.Tensor | None = None, depth: int | None = None,
+                all_greedy: bool | None = None) -> DraftBlock:
         """Draft one block per request. anchor [N]: last committed token (not yet in context).
         ``depth`` D <= B drafts only the first D positions (tokens [N, D]; see :meth:`forward_block`).
 
@@ -240,33 +267,38 @@ class DSparkDrafter(nn.Module):
         PyTorch reference elsewhere; Gumbel-max with per-request ``seeds``) when the head allows;
         gated and RNN heads always use the PyTorch loop. With a draft vocabulary (see
         :meth:`set_draft_vocab`) logits cover only those ids; tokens come back as target ids and
-        ``probs`` as full-vocabulary rows (zero outside the set)."""
+        ``probs`` as full-vocabulary rows (zero outside the set). ``all_greedy`` says whether every
+        temperature is 0 when the caller knows it from host data (else one device check)."""
         if not self.embeddings_bound:
             raise RuntimeError("this drafter shares the target's embeddings (dspark_shared_embeddings); "
                                "call bind_target_embeddings() or load it with target=<the HF model>")
         anchor = anchor.to(self.device)
         temperature = temperature.to(self.device)
+        if all_greedy is None:
+            all_greedy = bool(is_greedy(temperature).all())
         hidden = self.forward_block(anchor, cache, depth)
         if self.draft_vocab is None:
             base = self.base_logits(hidden)
             if fused and self.can_fuse_sampling:
-                return self._propose_fused(base, hidden, anchor, temperature, generator, seeds)
+                return self._propose_fused(base, hidden, anchor, temperature, generator, seeds, all_greedy)
             return sample_block(base, hidden, anchor, temperature, self.markov_head, self.confidence_head,
-                                self.config.confidence_head_with_markov, generator)
+                                self.config.confidence_head_with_markov, generator, greedy_all=all_greedy)
         ids, head_rows, w2_rows, w1_rows = self._draft_vocab_weights()
         base = self._soft_cap((hidden @ head_rows.t()).float())
         if fused and self.can_fuse_sampling:
-            block = self._propose_fused(base, hidden, anchor, temperature, generator, seeds, (ids, w2_rows, w1_rows))
+            block = self._propose_fused(base, hidden, anchor, temperature, generator, seeds, all_greedy,
+                                        (ids, w2_rows, w1_rows))
         else:
             block = sample_block(base, hidden, anchor, temperature, self.markov_head, self.confidence_head,
-                                 self.config.confidence_head_with_markov, generator, vocab=ids)
+                                 self.config.confidence_head_with_markov, generator, vocab=ids, greedy_all=all_greedy)
         if block.probs is not None:
             full = block.probs.new_zeros(*block.probs.shape[:-1], self.config.vocab_size)
             full[..., ids] = block.probs
             block = DraftBlock(tokens=block.tokens, probs=full, confidence_logits=block.confidence_logits)
         return block
 
-    def _propose_fused(self, base, hidden, anchor, temperature, generator, seeds, subset=None) -> DraftBlock:
+    def _propose_fused(self, base, hidden, anchor, temperature, generator, seeds, all_greedy: bool,
+                       subset=None) -> DraftBlock:
         """Fused sampling. With ``subset`` = (ids [K], W2 rows [K, r], W1 rows [K, r]) the kernel
         works in subset index space: W1 is extended by the anchors' rows (anchor n -> index K + n),
         and sampled subset indices are mapped back to target ids."""
@@ -274,7 +306,7 @@ class DSparkDrafter(nn.Module):
         from .kernels.markov_sampling import markov_sample
 
         if seeds is None:
-            seeds = torch.randint(0, 2**31 - 1, (anchor.shape[0],), generator=generator)
+            seeds = torch.randint(0, SEED_LIMIT, (anchor.shape[0],), generator=generator)
         head = self.markov_head
         conf = self.confidence_head
         w1, w2 = head.markov_w1.weight, head.markov_w2.weight
@@ -287,9 +319,9 @@ class DSparkDrafter(nn.Module):
             base, w1, w2, prev0, temperature, seeds.to(self.device),
             hidden if conf is not None else None,
             conf.proj.weight.view(-1) if conf is not None else None,
-            conf.proj.bias if conf is not None else None)
+            conf.proj.bias if conf is not None else None, all_greedy=all_greedy)
         probs = None
-        if not bool(is_greedy(temperature).all()):
+        if not all_greedy:
             probs = markov_draft_probs(base, w1, w2, prev0, tokens, temperature)
         if subset is not None:
             tokens = subset[0][tokens]

@@ -1,5 +1,6 @@
 """Drafter backbone: context injection, incremental cache, batching, non-causal block."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import Gemma4TextConfig
@@ -43,7 +44,7 @@ def test_batched_rows_are_independent(tiny_qwen3):
 
 
 def test_block_kv_in_spare_slots_equals_concatenation_and_leaves_the_context_intact(tiny_qwen3):
-    """The block's K/V written into free cache slots (rows_view with spare slots, or the cache
+    """The block's K/V written into free cache slots (a view with spare slots, or the cache
     itself) give the same states as concatenating them to a copy of the context, and drafting
     leaves nothing behind: the next context append and draft match a cache never drafted from."""
     d = _drafter(tiny_qwen3)
@@ -52,16 +53,16 @@ def test_block_kv_in_spare_slots_equals_concatenation_and_leaves_the_context_int
     for c in (cache, fresh):
         d.add_context(c, feats[:, :5], torch.tensor([5, 2, 4]))
     rows, anchors = torch.tensor([2, 0]), torch.tensor([5, 9])
-    concat = d.forward_block(anchors, cache.rows_view(rows))  # exactly as long as the context: no room
-    spare = cache.rows_view(rows, spare=4)
-    assert spare.capacity == 5 + 4 and cache.capacity >= 9  # the cache grew to give the view its slots
+    concat = d.forward_block(anchors, cache.view(rows))  # exactly as long as the context: no room
+    spare = cache.view(rows, spare=4)
+    assert spare.keys[0].shape[2] == 5 + 4 and cache.capacity >= 9  # the cache grew to give the view its slots
     torch.testing.assert_close(d.forward_block(anchors, spare), concat, rtol=0, atol=0)
     all_rows = torch.tensor([9, 0, 5])
     torch.testing.assert_close(d.forward_block(all_rows, cache),  # in place, in the cache itself
-                               d.forward_block(all_rows, cache.rows_view(torch.arange(3))), rtol=0, atol=0)
-    shared = cache.rows_view(torch.tensor([1, 2]), spare=4)  # consecutive rows: a slice, not a copy
+                               d.forward_block(all_rows, cache.view(torch.arange(3))), rtol=0, atol=0)
+    shared = cache.view(torch.tensor([1, 2]), spare=4)  # consecutive rows: a slice, not a copy
     assert shared.keys[0].data_ptr() == cache.keys[0][1:].data_ptr()
-    gathered = cache.rows_view(torch.tensor([2, 1]), spare=4)  # any other order: a gathered copy
+    gathered = cache.view(torch.tensor([2, 1]), spare=4)  # any other order: a gathered copy
     assert gathered.keys[0].data_ptr() != cache.keys[0][2:].data_ptr()
     torch.testing.assert_close(d.forward_block(anchors, shared), d.forward_block(anchors.flip(0), gathered).flip(0),
                                rtol=0, atol=0)
@@ -203,76 +204,124 @@ def test_packed_context_equals_padded(tiny_qwen3):
         d.add_context_packed(packed, flat[:5], torch.tensor(lens))
 
 
-def test_pending_context_flushes_equal_immediate_adds(tiny_qwen3):
+def _paged(d, lens, feats, page=4, seed=0):
+    """A pool holding each request's context at shuffled pages, and the block-table rows."""
+    pages = [-(-n // page) + 2 for n in lens]  # room for drafting past the context
+    perm = torch.randperm(sum(pages) + 1, generator=torch.Generator().manual_seed(seed))
+    perm = perm[perm != 0][: sum(pages)]  # page 0 stays unused, as vLLM's null block
+    width = max(pages)
+    table = torch.zeros(len(lens), width, dtype=torch.int32)
+    at = 0
+    for r, n in enumerate(pages):
+        table[r, :n] = perm[at: at + n]
+        at += n
+    pool = d.new_pool((int(perm.max()) + 1) * page)
+    for r, n in enumerate(lens):
+        pos = torch.arange(n)
+        slots = table[r].long()[pos // page] * page + pos % page
+        pool.write(d.project_context(feats[r, :n], pos), slots)
+    return pool, table
+
+
+def test_paged_context_drafts_equal_the_dense_cache(tiny_qwen3, monkeypatch):
+    """Context written at scattered slots and read back through block-table rows gives the
+    same block states as the dense per-request cache, including a request attending only to
+    a suffix of its positions, and in chunks when the gather budget is small."""
+    from dspark_vllm.paged_context import PagedContextView
+
+    d = _drafter(tiny_qwen3)
+    lens = [9, 2, 6]
+    feats = _features(3, 9, 2 * 64)
+    dense = d.new_cache(3)
+    d.add_context(dense, feats, torch.tensor(lens))
+    pool, table = _paged(d, lens, feats)
+    anchors = torch.tensor([5, 9, 4])
+    view = PagedContextView(pool, table, 4, np.zeros(3, dtype=np.int64), np.array(lens))
+    want = d.forward_block(anchors, dense)
+    torch.testing.assert_close(d.forward_block(anchors, view), want, atol=1e-5, rtol=1e-5)
+    chunks = list(view.chunks(spare=4, max_slots=20))
+    assert [c.stop - c.start for c, _ in chunks] == [1, 2]  # 9 + 4 alone; 2 and 6 together: 2 x (6 + 4) <= 20
+    monkeypatch.setattr("dspark_vllm.paged_context.MAX_GATHER_SLOTS", 20)
+    seen = []
+    monkeypatch.setattr(d, "_forward_view", lambda a, v, depth, real=d._forward_view: seen.append(v.batch) or real(a, v, depth))
+    torch.testing.assert_close(d.forward_block(anchors, view), want, atol=1e-5, rtol=1e-5)
+    assert seen == [1, 2]  # drafted in two chunks
+    # a suffix: positions [3, 9) of request 0 equal a dense cache holding only those (RoPE is relative)
+    suffix = d.new_cache(1)
+    d.add_context(suffix, feats[:1, 3:9], torch.tensor([6]))
+    tail = PagedContextView(pool, table[:1], 4, np.array([3]), np.array([9]))
+    torch.testing.assert_close(d.forward_block(anchors[:1], tail), d.forward_block(anchors[:1], suffix),
+                               atol=1e-5, rtol=1e-5)
+    block = d.propose(anchors, view, torch.zeros(3), all_greedy=True)
+    assert torch.equal(block.tokens, d.propose(anchors, dense, torch.zeros(3)).tokens)
+
+
+def test_pending_context_flushes_equal_immediate_writes(tiny_qwen3):
     """Deferring context (queue per step, flush at draft time or at the backlog cap) must leave
-    the cache exactly as adding every step would, whatever the flush schedule."""
+    the pool exactly as writing every step at once would, whatever the flush schedule."""
     from dspark_vllm.pending_context import PendingContext
 
     d = _drafter(tiny_qwen3)
     gen = torch.Generator().manual_seed(3)
-    eager, lazy = d.new_cache(3, capacity=4), d.new_cache(3, capacity=4)
+    eager, lazy = d.new_pool(64), d.new_pool(64)
     pending = PendingContext(d, lazy, max_tokens=6)
+    lengths = [0, 0, 0]
+    base = [0, 20, 40]  # each request's slots
     for step in range(12):
-        counts = torch.randint(0, 4, (3,), generator=gen)
+        counts = torch.randint(0, 4, (3,), generator=gen).tolist()
         counts[step % 3] = 9 if step == 0 else counts[step % 3]  # one prefill-sized chunk
-        feats = torch.randn(3, int(counts.max()), 2 * 64, generator=gen)
-        d.add_context(eager, feats, counts)
-        if step % 2:
-            for row in range(3):
-                pending.push(row, feats[row, : int(counts[row])])
-        else:  # the proposer's packed form: one tensor for the step, rows back to back
-            packed = torch.cat([feats[row, : int(counts[row])] for row in range(3)])
-            pending.push_step([0, 1, 2], packed, counts.tolist())
-        if step % 4 == 3:
-            pending.flush([step % 3] + pending.full_rows())  # this row drafts (as the proposer does)
-        else:
-            pending.flush_full()
+        feats = torch.randn(sum(counts), 2 * 64, generator=gen)
+        pos = torch.cat([torch.arange(lengths[r], lengths[r] + n) for r, n in enumerate(counts)])
+        slots = torch.cat([base[r] + torch.arange(lengths[r], lengths[r] + n) for r, n in enumerate(counts)])
+        lengths = [a + b for a, b in zip(lengths, counts)]
+        eager.write(d.project_context(feats, pos), slots)
+        pending.push_step([0, 1, 2], feats, counts, slots, pos)
+        pending.flush([step % 3] + pending.full_keys() if step % 4 == 3 else pending.full_keys())
         assert all(pending.pending_tokens(r) < 6 for r in range(3))
     pending.flush()
-    assert lazy.lengths.tolist() == eager.lengths.tolist()
-    anchors = torch.tensor([4, 5, 6])
-    torch.testing.assert_close(d.forward_block(anchors, lazy), d.forward_block(anchors, eager), atol=1e-5, rtol=1e-5)
-    pending.push(1, torch.randn(2, 2 * 64))
+    assert pending.total_tokens == 0
+    for a, b in zip(lazy.keys + lazy.values, eager.keys + eager.values):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    pending.push_step([1], torch.randn(2, 2 * 64), [2], torch.tensor([60, 61]), torch.tensor([0, 1]))
     pending.drop(1)
-    assert pending.flush() == 0 and lazy.lengths.tolist() == eager.lengths.tolist()
+    assert pending.flush() == 0 and torch.equal(lazy.keys[0][60:62], eager.keys[0][60:62])
 
 
 def test_pending_context_push_step_views_decode_steps_and_copies_minorities_of_big_ones(tiny_qwen3):
-    """A decode-sized step is queued as views of the caller's tensor (no copies); in a step past
+    """A decode-sized step is queued as views of the caller's tensors (no copies); in a step past
     VIEW_MAX_TOKENS a part under half of it is copied so it cannot pin the whole prefill."""
     from dspark_vllm.pending_context import PendingContext
 
     d = _drafter(tiny_qwen3)
-    pending = PendingContext(d, d.new_cache(3, capacity=4))
+    pending = PendingContext(d, d.new_pool(256))
     decode = torch.randn(3, 2 * 64)
-    pending.push_step([0, 1, 2], decode, [1, 1, 1])
-    assert all(pending._parts[r][0].data_ptr() == decode[r].data_ptr() for r in range(3))
+    pending.push_step([0, 1, 2], decode, [1, 1, 1], torch.arange(3), torch.zeros(3, dtype=torch.long))
+    assert all(pending._parts[r][0][0].data_ptr() == decode[r].data_ptr() for r in range(3))
     big = PendingContext.VIEW_MAX_TOKENS + 8
     prefill = torch.randn(big + 2, 2 * 64)
-    pending.push_step([0, 1, 2], prefill, [big, 0, 2])
-    assert pending._parts[0][1].data_ptr() == prefill.data_ptr()  # the majority part: a view
-    assert pending._parts[2][1].untyped_storage().data_ptr() != prefill.untyped_storage().data_ptr()
-    torch.testing.assert_close(pending._parts[2][1], prefill[big:])
+    pending.push_step([0, 1, 2], prefill, [big, 0, 2], torch.arange(big + 2), torch.arange(big + 2))
+    assert pending._parts[0][1][0].data_ptr() == prefill.data_ptr()  # the majority part: a view
+    assert pending._parts[2][1][0].untyped_storage().data_ptr() != prefill.untyped_storage().data_ptr()
+    torch.testing.assert_close(pending._parts[2][1][0], prefill[big:])
     assert len(pending._parts[1]) == 1 and pending.pending_tokens(1) == 1
     assert pending.total_tokens == 3 + big + 2
     with pytest.raises(ValueError, match="counts summing to 3 for 4 feature rows"):
-        pending.push_step([0, 1], torch.randn(4, 2 * 64), [1, 2])
+        pending.push_step([0, 1], torch.randn(4, 2 * 64), [1, 2], torch.arange(4), torch.arange(4))
 
 
 def test_pending_context_byte_budget_flushes_largest_backlogs_first(tiny_qwen3):
     from dspark_vllm.pending_context import PendingContext
 
     d = _drafter(tiny_qwen3)
-    cache = d.new_cache(4, capacity=4)
     token_bytes = 2 * 64 * 4  # one float32 token of features
-    pending = PendingContext(d, cache, max_tokens=1000, max_bytes=20 * token_bytes)
-    for row, n in enumerate([2, 9, 5, 7]):  # 23 tokens: over the 20-token budget
-        pending.push(row, torch.randn(n, 2 * 64))
+    pending = PendingContext(d, d.new_pool(64), max_tokens=1000, max_bytes=20 * token_bytes)
+    counts = [2, 9, 5, 7]  # 23 tokens: over the 20-token budget
+    pending.push_step([0, 1, 2, 3], torch.randn(23, 2 * 64), counts, torch.arange(23), torch.arange(23))
     assert pending.total_bytes == 23 * token_bytes
-    assert pending.full_rows() == [1]  # 14 left <= 15 (3/4 of the budget)
+    assert pending.full_keys() == [1]  # 14 left <= 15 (3/4 of the budget)
     pending.max_bytes = 12 * token_bytes
-    assert pending.full_rows() == [1, 3]  # 7 left <= 9
-    assert pending.flush_full() == 16
-    assert pending.total_bytes == 7 * token_bytes and cache.lengths.tolist() == [0, 9, 0, 7]
+    assert pending.full_keys() == [1, 3]  # 7 left <= 9
+    assert pending.flush(pending.full_keys()) == 16
+    assert pending.total_bytes == 7 * token_bytes
     pending.drop(0)
-    assert pending.total_bytes == 5 * token_bytes and pending.full_rows() == []
+    assert pending.total_bytes == 5 * token_bytes and pending.full_keys() == []

@@ -6,6 +6,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from stub_runner import PAGE, StubRunner
 
 from dspark_vllm.drafters import SMOLLM2_DRAFTER
 from dspark_vllm.settings import CONFIGS_DIR
@@ -14,48 +15,43 @@ from dspark_vllm.vllm_plugin.proposer import (DRAFT_TIMING_SIZES, INGEST_TIMING_
                                               DSparkV1Proposer)
 
 NUM_REQS = 4
+IDS = [f"r{i}" for i in range(NUM_REQS)]
 
 
-class StubRunner:
-    """What ``propose_step`` reads from vLLM's GPUModelRunner, for NUM_REQS decoding requests."""
-
-    def __init__(self) -> None:
-        self.device = torch.device("cpu")
-        self.input_batch = types.SimpleNamespace(req_ids=[f"r{i}" for i in range(NUM_REQS)],
-                                                 temperature_cpu=np.zeros(NUM_REQS))
-        self.positions = torch.zeros(0, dtype=torch.long)
-
-    def _get_positions(self, n: int) -> torch.Tensor:
-        return self.positions[:n]
-
-
-@pytest.fixture
-def proposer(monkeypatch):
+def make_proposer(monkeypatch, max_num_seqs: int = 8, prefix_caching: bool = False) -> DSparkV1Proposer:
     monkeypatch.setenv(ENV_CHECKPOINT, str(SMOLLM2_DRAFTER))
     monkeypatch.setenv(ENV_CONFIG, str(CONFIGS_DIR / "llama-smollm2.yaml"))
     config = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=torch.float32),
-                                   scheduler_config=types.SimpleNamespace(max_num_seqs=8, max_num_batched_tokens=256))
+                                   scheduler_config=types.SimpleNamespace(max_num_seqs=max_num_seqs,
+                                                                          max_num_batched_tokens=2048),
+                                   cache_config=types.SimpleNamespace(enable_prefix_caching=prefix_caching))
     p = DSparkV1Proposer(config)
     cfg = p.drafter.config
     if not p.drafter.embeddings_bound:
         table = torch.randn(cfg.vocab_size, cfg.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
         p.drafter.bind_target_embeddings(table, table)
-    runner = StubRunner()
+    return p
+
+
+@pytest.fixture
+def proposer(monkeypatch):
+    p = make_proposer(monkeypatch)
+    runner = StubRunner(IDS)
     p.attach(runner)
+    p.bind_kv_cache(runner)
     return p, runner
 
 
 def run_step(p: DSparkV1Proposer, runner: StubRunner, start: list[int], counts: list[int]):
     """One engine step: request i had ``counts[i]`` tokens scheduled from position ``start[i]``."""
-    runner.positions = torch.cat([torch.arange(s, s + n) for s, n in zip(start, counts)])
-    total = sum(counts)
-    width = p.drafter.config.hidden_size
-    out = types.SimpleNamespace(finished_req_ids=set(), total_num_scheduled_tokens=total,
-                                num_scheduled_tokens={f"r{i}": n for i, n in enumerate(counts)},
-                                scheduled_spec_decode_tokens={})
-    aux = [torch.randn(total, width) for _ in p.drafter.config.target_layer_ids]
-    sampled = torch.randint(10, 1000, (NUM_REQS, 1))
-    return p.propose_step(runner, out, sampled, aux)
+    return runner.step(p, start, counts)[0]
+
+
+def pool_rows(p, runner, req_id: str, n: int) -> torch.Tensor:
+    """Layer-0 keys of the first n positions of a request, read through its blocks."""
+    blocks = torch.tensor(runner.blocks[req_id])
+    pos = torch.arange(n)
+    return p.pool.keys[0][blocks[pos // PAGE] * PAGE + pos % PAGE]
 
 
 def test_closed_gate_queues_context_and_drafts_nothing(proposer):
@@ -65,11 +61,11 @@ def test_closed_gate_queues_context_and_drafts_nothing(proposer):
     gate.timer.observe(NUM_REQS, 1000.0)
     drafts = run_step(p, runner, [0] * NUM_REQS, [5, 6, 7, 8])
     assert drafts == [[]] * NUM_REQS and p.stats.gated == 1 and p.stats.steps == 0
-    rows = [p.requests[f"r{i}"].row for i in range(NUM_REQS)]
-    assert [p.context.pending_tokens(r) for r in rows] == [5, 6, 7, 8]
-    assert p.cache.lengths[rows].tolist() == [0] * NUM_REQS  # nothing projected while gated
+    keys = [p.requests[f"r{i}"].key for i in range(NUM_REQS)]
+    assert [p.context.pending_tokens(k) for k in keys] == [5, 6, 7, 8]
+    assert not p.pool.keys[0].any()  # nothing projected while gated
     drafts = run_step(p, runner, [5, 6, 7, 8], [1] * NUM_REQS)
-    assert drafts == [[]] * NUM_REQS and [p.context.pending_tokens(r) for r in rows] == [6, 7, 8, 9]
+    assert drafts == [[]] * NUM_REQS and [p.context.pending_tokens(k) for k in keys] == [6, 7, 8, 9]
 
 
 def test_rejected_drafts_queue_only_each_requests_valid_prefix(proposer):
@@ -83,20 +79,18 @@ def test_rejected_drafts_queue_only_each_requests_valid_prefix(proposer):
     p.scheduler.gate.timer.observe(1, 1000.0)
     counts = [1 + len(d) for d in drafts]
     accepted = [0, 1, 2, 3]  # drafts that survive, per request
-    runner.positions = torch.cat([torch.arange(s, s + n) for s, n in zip([5, 6, 7, 8], counts)])
-    width = p.drafter.config.hidden_size
-    aux = [torch.randn(sum(counts), width) for _ in p.drafter.config.target_layer_ids]
-    out = types.SimpleNamespace(finished_req_ids=set(), total_num_scheduled_tokens=sum(counts),
-                                num_scheduled_tokens={f"r{i}": n for i, n in enumerate(counts)},
-                                scheduled_spec_decode_tokens={f"r{i}": d for i, d in enumerate(drafts)})
     sampled = [[7] * (a + 1) for a in accepted]
-    p.propose_step(runner, out, sampled, aux)
+    _, aux = runner.step(p, [5, 6, 7, 8], counts, sampled=sampled, spec={f"r{i}": d for i, d in enumerate(drafts)})
     features = torch.cat(aux, dim=-1)
     start = 0
     for i, (n, a) in enumerate(zip(counts, accepted)):
-        row = p.requests[f"r{i}"].row
-        assert p.context.pending_tokens(row) == 1 + a
-        torch.testing.assert_close(torch.cat(p.context._parts[row]), features[start: start + 1 + a])
+        key = p.requests[f"r{i}"].key
+        assert p.context.pending_tokens(key) == 1 + a
+        feats, slots, pos = (torch.cat([part[j] for part in p.context._parts[key]]) for j in range(3))
+        torch.testing.assert_close(feats, features[start: start + 1 + a])
+        assert pos.tolist() == list(range(5 + i, 5 + i + 1 + a))
+        blocks = torch.tensor(runner.blocks[f"r{i}"])
+        assert slots.tolist() == (blocks[pos // PAGE] * PAGE + pos % PAGE).tolist()
         assert p.requests[f"r{i}"].next_pos == 5 + i + 1 + a
         start += n
 
@@ -106,8 +100,9 @@ def test_first_draft_times_the_drafter_at_several_batch_sizes(proposer):
     timer = p.scheduler.gate.timer
     drafts = run_step(p, runner, [0] * NUM_REQS, [5, 6, 7, 8])  # no prior yet: the gate opens
     assert p.stats.steps == 1 and any(drafts)
-    rows = [p.requests[f"r{i}"].row for i in range(NUM_REQS)]
-    assert p.cache.lengths[rows].tolist() == [5, 6, 7, 8]  # drafting flushed the queued context
+    assert p.context.total_tokens == 0  # drafting flushed the queued context
+    written = [pool_rows(p, runner, f"r{i}", n) for i, n in enumerate([5, 6, 7, 8])]
+    assert all(w.abs().sum(dim=(1, 2)).gt(0).all() for w in written)
     sizes = [r for r in DRAFT_TIMING_SIZES if r <= 8]
     timed = len(sizes) + len(SHALLOW_TIMING_DEPTHS) + 1  # full blocks, shallow ones at 8, the step's own
     assert timer._s[0] == pytest.approx(sum(timer.decay ** k for k in range(timed)))
@@ -119,7 +114,8 @@ def test_first_draft_times_the_drafter_at_several_batch_sizes(proposer):
     ingest = p.scheduler.gate.ingest
     assert ingest._s[0] == pytest.approx(sum(ingest.decay ** k for k in range(1 + len(INGEST_TIMING_TOKENS))))
     assert 0.0 < ingest.predict(8) < ingest.predict(512)
-    assert p.cache.lengths[rows].tolist() == [5, 6, 7, 8]  # the seed flushes left the live cache alone
+    for i, n in enumerate([5, 6, 7, 8]):  # the seed flushes wrote a scratch pool, not the live one
+        assert torch.equal(pool_rows(p, runner, f"r{i}", n), written[i])
 
 
 def test_shallow_plan_drafts_only_that_many_positions(proposer, monkeypatch):
@@ -181,3 +177,105 @@ def test_step_trace_records_drafted_and_gated_steps(proposer, tmp_path):
     assert rows[1]["ingest_ms"] is None  # gated, no backlog at its cap: nothing projected
     assert rows[1]["verified"] == sum(len(d) for d in drafts) and rows[1]["step_ms"] > 0
     assert rows[1]["gain"] is not None and rows[1]["gain"] < 1.0 and rows[1]["emitted"] == NUM_REQS
+
+
+class SyncCounter:
+    """Counts calls that make the host wait for a device tensor's value."""
+
+    METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[str] = []
+        for name in self.METHODS:
+            real = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _real=real, _name=name, **kw):
+                self.calls.append(_name)
+                return _real(t, *a, **kw)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def _decode_syncs(monkeypatch, batch: int) -> tuple[int, int]:
+    """(host syncs of a drafted decode step, of a gated one) for ``batch`` requests."""
+    from dspark_vllm.scheduler.draft_gate import DraftPlan
+
+    with monkeypatch.context() as m:
+        p = make_proposer(m, max_num_seqs=32)
+        ids = [f"q{i}" for i in range(batch)]
+        runner = StubRunner(ids)
+        p.attach(runner)
+        p.bind_kv_cache(runner)
+        m.setattr(p.scheduler, "plan_draft", lambda n, load=None: DraftPlan(n, None))
+        lengths = [5 + 3 * i % 40 for i in range(batch)]
+        drafts, _ = runner.step(p, [0] * batch, lengths, seed=1)  # prefill, first draft (timing runs)
+        counts = []
+        for plan in (DraftPlan(batch, None), DraftPlan(0, None)):
+            m.setattr(p.scheduler, "plan_draft", lambda n, load=None, plan=plan: plan)
+            spec = {r: d for r, d in zip(ids, drafts) if d}
+            sampled = [[11] * (1 + len(d) // 2) for d in drafts]  # half of each block accepted
+            counter = SyncCounter(m)
+            drafts, _ = runner.step(p, lengths, [1 + len(d) for d in drafts], sampled=sampled, spec=spec, seed=2)
+            counts.append(len(counter.calls))
+            lengths = [n + len(s) for n, s in zip(lengths, sampled)]
+        return counts[0], counts[1]
+
+
+def test_host_syncs_per_step_do_not_grow_with_batch_size(monkeypatch):
+    """A drafted step waits for the device twice (draft tokens, confidence logits) and a gated
+    step never, for 1, 4 or 16 requests: no per-request reads of device values."""
+    for batch in (1, 4, 16):
+        drafted, gated = _decode_syncs(monkeypatch, batch)
+        assert (batch, drafted, gated) == (batch, 2, 0)
+
+
+def _shut_gate(p) -> None:
+    p.scheduler.gate.prior = np.full(p.block_size, 0.01)  # hopeless drafts: no length can pay
+    p.scheduler.gate.timer.observe(NUM_REQS, 1000.0)
+    p.scheduler.gate.timer.observe(1, 1000.0)
+
+
+def test_prefix_hit_drafts_from_the_cached_prefix(monkeypatch):
+    """A request that starts at position 32 on blocks another request wrote (a prefix-cache hit)
+    drafts exactly as if it had computed the whole prefix itself, even though the writer's
+    context was still queued (gate shut) when the hit arrived."""
+    from dspark_vllm.scheduler.draft_gate import DraftPlan
+
+    p = make_proposer(monkeypatch, prefix_caching=True)
+    runner = StubRunner(["a"])
+    p.attach(runner)
+    p.bind_kv_cache(runner)
+    _shut_gate(p)
+    _, aux_a = runner.step(p, [0], [40], seed=1)  # writer: 40 prompt tokens, queued, not drafted
+    assert p.context.pending_tokens(p.requests["a"].key) == 40
+    runner.set_batch(["a", "b"])
+    runner.blocks["b"] = runner.blocks["a"][:2]  # b's first 32 positions hit a's two blocks
+    seen = []
+    monkeypatch.setattr(p.scheduler, "plan_draft", lambda n, load=None: DraftPlan(n, None))
+    real = p.drafter.propose
+    monkeypatch.setattr(p.drafter, "propose", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
+    drafts, aux_b = runner.step(p, [40, 32], [1, 6], seed=2)
+    args, kwargs = seen[-1]
+    anchor, view = args[0], args[1]
+    assert view.positions.tolist() == [38, 41]  # shortest context first: b (32 + 6), then a
+    # the same block from a dense cache holding b's whole context: a's first 32 tokens + b's 6
+    feats_a, feats_b = torch.cat(aux_a, -1), torch.cat(aux_b, -1)[1:]
+    dense = p.drafter.new_cache(1)
+    p.drafter.add_context(dense, torch.cat([feats_a[:32], feats_b])[None], torch.tensor([38]))
+    want = p.drafter.forward_block(anchor[:1], dense)
+    got = p.drafter.forward_block(anchor, view)[:1]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_departed_requests_write_their_queue_only_with_prefix_caching(monkeypatch):
+    for caching in (False, True):
+        p = make_proposer(monkeypatch, prefix_caching=caching)
+        runner = StubRunner(["a", "b"])
+        p.attach(runner)
+        p.bind_kv_cache(runner)
+        _shut_gate(p)
+        runner.step(p, [0, 0], [20, 3])
+        runner.set_batch(["b"])  # a finished
+        runner.step(p, [3], [1])
+        assert "a" not in p.requests and p.context.pending_tokens(p.requests["b"].key) == 4
+        assert bool(pool_rows(p, runner, "a", 20).abs().sum(dim=(1, 2)).gt(0).all()) == caching

@@ -85,3 +85,33 @@ def test_drafts_ride_on_the_step_output_and_post_step_skips_the_rpc():
     assert calls == [] and scheduler._dspark_drafts_delivered is False
     EngineCore.post_step(core, True)  # an output without them: vLLM's own RPC path
     assert calls == ["rpc", "update"]
+
+
+def test_draft_context_pool_takes_its_share_of_the_kv_budget():
+    """Target T and drafter D bytes per token: the pool gets D / (T + D) of the budget, so vLLM's
+    cache and the pool, one draft slot per target slot, fill the budget exactly."""
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    layer = FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.float32)
+    spec = {f"model.layers.{i}.self_attn.attn": layer for i in range(30)}  # SmolLM2: 46,080 B per token
+    draft = 2 * 2 * 3 * 64 * 4  # 2 draft layers, K and V: 3,072 B per token
+    worker = SimpleNamespace(model_runner=SimpleNamespace(
+        get_kv_cache_spec=lambda: spec, drafter=SimpleNamespace(context_bytes_per_token=lambda: draft)))
+    budget = 1 << 30
+    share = patches.draft_context_share(worker, budget)
+    assert share == budget // 16
+    target_slots = (budget - share) // (30 * layer.page_size_bytes // 128)
+    assert target_slots * draft <= share  # the pool for every target slot fits in its share
+
+
+def test_install_wraps_the_kv_cache_hooks():
+    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    patches.install()
+    patches.install()  # idempotent
+    assert getattr(CPUWorker.determine_available_memory, "_dspark_wrapped", False)
+    assert getattr(Worker.determine_available_memory, "_dspark_wrapped", False)
+    assert GPUModelRunner.initialize_kv_cache.__wrapped__ is not None

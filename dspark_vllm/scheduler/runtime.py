@@ -129,11 +129,13 @@ class VerifyLengthScheduler:
             raise ValueError(f"scheduler policy '{self.policy.name}' needs confidences, but the drafter has no "
                              "confidence head (enable_confidence_head=false); set `scheduler: {policy: fixed}`")
 
-    def confidences(self, confidence_logits: torch.Tensor | None) -> np.ndarray | None:
+    def confidences(self, confidence_logits: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
         """Calibrated per-position confidences c_k [N, B] (None without a confidence head)."""
         if confidence_logits is None:
             return None
-        return self.calibrator.confidence(confidence_logits.detach().float().cpu().numpy())
+        if isinstance(confidence_logits, torch.Tensor):
+            confidence_logits = confidence_logits.detach().float().cpu().numpy()
+        return self.calibrator.confidence(confidence_logits)
 
     def lengths(self, confidence_logits: torch.Tensor | None, request_ids: list | None = None,
                 max_lens: np.ndarray | None = None, load: StepLoad | None = None) -> np.ndarray:

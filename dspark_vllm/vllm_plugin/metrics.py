@@ -66,6 +66,7 @@ class DSparkStats:
         self.reached = [0] * block_size
         self.accepted = [0] * block_size
         self.confidence_sum = [0.0] * block_size
+        self.context_pool_bytes = 0
         self.flush_interval_s = (float(os.environ.get(ENV_FLUSH_S, 0.5)) if flush_interval_s is None
                                  else flush_interval_s)
         self._last_flush = 0.0
@@ -94,7 +95,7 @@ class DSparkStats:
         return {"block_size": self.block_size, "steps": self.steps, "gated": self.gated, "drafted": self.drafted,
                 "cost_scale": self.cost_scale, "verify_premium": self.verify_premium,
                 "admitted": self.admitted, "reached": self.reached, "accepted": self.accepted,
-                "confidence_sum": self.confidence_sum}
+                "confidence_sum": self.confidence_sum, "context_pool_bytes": self.context_pool_bytes}
 
     def maybe_flush(self, force: bool = False) -> None:
         if self.path is None:
@@ -122,7 +123,7 @@ def merge_snapshots(folder: Path) -> dict | None:
         if total is None:
             total = snap
             continue
-        for key in ("steps", "gated", "drafted", "admitted"):
+        for key in ("steps", "gated", "drafted", "admitted", "context_pool_bytes"):
             total[key] = total.get(key, 0) + snap.get(key, 0)
         total["cost_scale"] = max(total.get("cost_scale", 1.0), snap.get("cost_scale", 1.0))
         total["verify_premium"] = max(total.get("verify_premium", 1.0), snap.get("verify_premium", 1.0))
@@ -162,6 +163,10 @@ class DSparkCollector:
                                     "of a plain step (charged by the draft gate; 1.0 until learned)")
         premium.add_metric([], float(snap.get("verify_premium", 1.0)))
         yield premium
+        pool = GaugeMetricFamily(PREFIX + "context_pool_bytes", "memory of the drafter's context K/V pool "
+                                 "(one slot per target KV slot, taken from vLLM's KV cache budget)")
+        pool.add_metric([], float(snap.get("context_pool_bytes", 0)))
+        yield pool
         reached = CounterMetricFamily(PREFIX + "position_reached", "drafts at position k verified after an accepted prefix",
                                       labels=["position"])
         accepted = CounterMetricFamily(PREFIX + "position_accepted", "drafts at position k accepted", labels=["position"])

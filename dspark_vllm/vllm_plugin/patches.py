@@ -132,9 +132,10 @@ def _wrap_model_runner() -> None:
 
     if getattr(GPUModelRunner, "_dspark_wrapped", False):
         return
-    init, aux_layers, propose, sample, sample_tokens = (
+    init, aux_layers, propose, sample, sample_tokens, init_kv = (
         GPUModelRunner.__init__, GPUModelRunner._get_eagle3_aux_layers_from_config,
-        GPUModelRunner.propose_draft_token_ids, GPUModelRunner._sample, GPUModelRunner.sample_tokens)
+        GPUModelRunner.propose_draft_token_ids, GPUModelRunner._sample, GPUModelRunner.sample_tokens,
+        GPUModelRunner.initialize_kv_cache)
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
@@ -142,6 +143,13 @@ def _wrap_model_runner() -> None:
         if _is_ours(self):
             self.use_aux_hidden_state_outputs = True
             self.drafter.attach(self)
+
+    @functools.wraps(init_kv)
+    def initialize_kv_cache(self, *args, **kwargs):
+        out = init_kv(self, *args, **kwargs)
+        if _is_ours(self):
+            self.drafter.bind_kv_cache(self)
+        return out
 
     @functools.wraps(aux_layers)
     def _get_eagle3_aux_layers_from_config(self):
@@ -176,6 +184,7 @@ def _wrap_model_runner() -> None:
         return output
 
     GPUModelRunner.__init__ = __init__
+    GPUModelRunner.initialize_kv_cache = initialize_kv_cache
     GPUModelRunner._sample = _sample
     GPUModelRunner.sample_tokens = sample_tokens_
     GPUModelRunner._get_eagle3_aux_layers_from_config = _get_eagle3_aux_layers_from_config
@@ -237,7 +246,56 @@ def _wrap_engine_core() -> None:
     Scheduler._dspark_wrapped = True
 
 
+def draft_context_share(worker, available: int) -> int:
+    """Bytes of the KV budget ``available`` that the draft context pool needs, so that vLLM's
+    cache and the pool, one draft slot per target slot, together fit in it: with T and D the
+    target's and the drafter's K/V bytes per token, the pool takes D / (T + D). Exact for a
+    single KV-cache group (every attention layer alike); for hybrid targets vLLM packs groups
+    into shared tensors, T is then overestimated and the pool may end up a little larger than
+    its share (the start-up log states both)."""
+    from .runner_io import target_bytes_per_token
+
+    target = target_bytes_per_token(worker.model_runner.get_kv_cache_spec())
+    draft = worker.model_runner.drafter.context_bytes_per_token()
+    return int(available * draft / (target + draft)) if target > 0 else 0
+
+
+def _wrap_available_memory() -> None:
+    """Take the draft context pool's bytes out of the KV budget each worker reports, before the
+    engine sizes vLLM's cache from it (CPU and GPU workers each define their own)."""
+    classes = []
+    for module, name in (("vllm.v1.worker.gpu_worker", "Worker"), ("vllm.v1.worker.cpu_worker", "CPUWorker")):
+        try:
+            classes.append(getattr(__import__(module, fromlist=[name]), name))
+        except Exception as exc:  # noqa: BLE001 - a platform without this worker (or its ops)
+            logger.debug("DSpark: %s.%s not wrapped (%s)", module, name, exc)
+    for cls in classes:
+        original = cls.__dict__.get("determine_available_memory")
+        if original is None or getattr(original, "_dspark_wrapped", False):
+            continue
+
+        @functools.wraps(original)
+        def determine_available_memory(self, *args, _original=original, **kwargs):
+            if getattr(self, "_dspark_in_budget", False):  # a subclass calling its parent
+                return _original(self, *args, **kwargs)
+            self._dspark_in_budget = True
+            try:
+                available = int(_original(self, *args, **kwargs))
+            finally:
+                self._dspark_in_budget = False
+            if not _is_ours(self.model_runner):
+                return available
+            share = draft_context_share(self, available)
+            logger.info("DSpark: %.1f MiB of the %.1f MiB KV budget go to the draft context pool",
+                        share / 2**20, available / 2**20)
+            return available - share
+
+        determine_available_memory._dspark_wrapped = True  # type: ignore[attr-defined]
+        cls.determine_available_memory = determine_available_memory
+
+
 def install() -> None:
     _wrap_speculative_config()
     _wrap_model_runner()
+    _wrap_available_memory()
     _wrap_engine_core()

@@ -2,26 +2,34 @@
 
 vLLM builds it through its ``custom_class`` hook (our config wrapper routes ``method: dspark``
 there) and, thanks to the runner wrapper, calls :meth:`propose_step` each step with the target's
-aux hidden states. Per request it keeps a row of the drafter's context K/V cache:
+aux hidden states. The drafter's context K/V live in a :class:`PagedContextPool` whose slots
+mirror the target's KV slots (``paged_context.py``), sized when vLLM sizes its KV cache and
+taken out of the same memory budget (``patches.py``). Per step:
 
-1. queue the features of this step's *valid* positions: every scheduled prompt token, or for a
-   decode step the anchor plus the drafts that were accepted (= len(sampled) - 1); they enter
-   the drafter's context cache when the request next drafts (``pending_context.py``: gated
-   steps under load then cost almost nothing);
+1. queue the features of this step's *valid* tokens with their target slots: every scheduled
+   prompt token, or for a decode step the anchor plus the drafts that were accepted
+   (= len(sampled) - 1); they are projected into the pool when the request next drafts
+   (``pending_context.py``: gated steps under load then cost almost nothing), when its request
+   leaves the batch while prefix caching is on (its blocks may be hit later), or when a new
+   request arrives with a prefix-cache hit (it reads blocks other requests wrote);
 2. unless the draft gate says no verify length could pay this step (cost-aware policies: past
    confidences, cost curve, measured draft time; see ``scheduler/draft_gate.py``), draft a
    block from [last sampled token, MASK...] (from the checkpoint's draft vocabulary if any),
-   as deep as the gate found worth verifying (the whole block unless load makes deep drafts
-   unprofitable);
+   as deep as the gate found worth verifying, over each request's whole context, cached
+   prefix included;
 3. trim each request's block with the configured policy (confidence + step load) and return
    the per-request token lists; vLLM's rejection sampler verifies them. With
    ``draft_sampling: probabilistic`` (default) each request's drafts are sampled at its own
-   temperature and their q goes to vLLM through ``runner._draft_probs``; with ``greedy`` (or at
-   temperature 0) q is one-hot. Either way vLLM's verification keeps the target distribution.
+   temperature and their q goes to vLLM with the drafts; with ``greedy`` (or at temperature 0)
+   q is one-hot. Either way vLLM's verification keeps the target distribution.
 
-Positions: the context of a request starts where we first see it (after a prefix-cache hit the
-first scheduled position is > 0); RoPE only sees relative offsets, so this is exact for the
-drafter's attention. A request seen again from position 0 (preemption/recompute) is reset.
+Host syncs per step do not depend on the batch size: a drafted step copies the draft tokens and
+the confidence logits to the host (two waits); a gated step waits for nothing. Everything else
+the step needs on the host comes from vLLM's host arrays (see ``runner_io.py``).
+
+Positions are absolute (pool slot <-> token position). A request whose positions jump past
+what it had (steps the runner did not show us) or back (recomputed) keeps drafting, from the
+context it has from then on; outputs never depend on the context, only acceptance does.
 """
 
 from __future__ import annotations
@@ -36,11 +44,14 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint
+from ..paged_context import PagedContextPool, PagedContextView, to_device
 from ..pending_context import PendingContext
+from ..sampling import GREEDY_EPS, SEED_LIMIT
 from ..scheduler import CostProfile, StepLoad, VerifyLengthScheduler
 from ..settings import load_settings
 from .metrics import DSparkStats
 from .patches import ENV_CHECKPOINT, ENV_CONFIG
+from .runner_io import KVLayout, StepInput, kv_layout, read_step, token_history, write_draft_probs
 from .startup_profile import ENV_COST_PROFILE
 from .step_trace import StepTrace
 
@@ -51,7 +62,7 @@ ENV_ORACLE = "DSPARK_VLLM_ORACLE"
 ENV_ORACLE_CORRUPT = "DSPARK_VLLM_ORACLE_CORRUPT"
 DRAFT_TIMING_SIZES = (1, 2, 4, 8, 16, 32)  # batch sizes timed once (full block) to seed the gate's d(n) fit
 SHALLOW_TIMING_DEPTHS = (1, 2)  # depths also timed at the largest of those sizes (under load the gate drafts shallow)
-INGEST_TIMING_TOKENS = (1, 4)  # context tokens per row timed once at that size to seed the ingestion fit
+INGEST_TIMING_TOKENS = (1, 4)  # context tokens per request timed once at that size to seed the ingestion fit
 
 
 class OracleHook:
@@ -103,12 +114,13 @@ def target_embedding_weights(target_model) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class _RequestState:
-    row: int
-    next_pos: int  # absolute position of the next token whose features we expect
+    key: int        # this request's queue in PendingContext
+    start: int      # first context position the drafter attends to (0 unless positions jumped)
+    next_pos: int   # absolute position of the next token whose features we expect
 
 
 class DSparkV1Proposer:
-    """Owns the drafter, its per-request context rows, and the verify-length scheduler."""
+    """Owns the drafter, its paged context pool, and the verify-length scheduler."""
 
     def __init__(self, vllm_config) -> None:
         checkpoint = os.environ.get(ENV_CHECKPOINT)
@@ -124,12 +136,15 @@ class DSparkV1Proposer:
         profiled = os.environ.get(ENV_COST_PROFILE)  # set by profile_at_startup
         cost = CostProfile.load(profiled) if profiled else None
         self.scheduler = VerifyLengthScheduler.from_settings(self.settings, self.block_size, checkpoint, cost=cost)
-        self.max_reqs = int(vllm_config.scheduler_config.max_num_seqs)
         self.max_num_tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
-        self.cache = None
+        cache_config = getattr(vllm_config, "cache_config", None)
+        # Blocks of a finished request can be hit by a later one only with prefix caching on.
+        self.prefix_caching = bool(getattr(cache_config, "enable_prefix_caching", False))
+        self.pool: PagedContextPool | None = None
+        self.layout: KVLayout | None = None
         self.context: PendingContext | None = None
         self.requests: dict[str, _RequestState] = {}
-        self.free_rows: list[int] = list(range(self.max_reqs))[::-1]
+        self._keys = itertools.count()
         self.oracle = OracleHook.from_env()
         self.scheduler.check_drafter(self.drafter.confidence_head is not None)
         self.stats = DSparkStats(self.block_size)
@@ -147,10 +162,23 @@ class DSparkV1Proposer:
 
     # ---- vLLM hooks ------------------------------------------------------------------------
     def attach(self, runner) -> None:
-        device = runner.device
-        self.drafter.to(device)
-        self.cache = self.drafter.new_cache(self.max_reqs)
-        self.context = PendingContext(self.drafter, self.cache)
+        self.drafter.to(runner.device)
+
+    def context_bytes_per_token(self) -> int:
+        """What the pool costs per target KV slot (the plugin reserves it from vLLM's budget)."""
+        return self.drafter.context_bytes_per_token()
+
+    def bind_kv_cache(self, runner) -> None:
+        """Allocate the pool once vLLM has sized its KV cache: one draft slot per target slot."""
+        self.layout = kv_layout(runner)
+        self.pool = self.drafter.new_pool(self.layout.num_slots)
+        self.context = PendingContext(self.drafter, self.pool)
+        self.requests.clear()
+        self.pending.clear()
+        self.stats.context_pool_bytes = self.pool.nbytes
+        logger.info("DSpark draft context pool: %d token slots x %d B = %.1f MiB, mirroring KV cache group %d "
+                    "(vLLM's own KV cache: %.1f MiB)", self.layout.num_slots, self.context_bytes_per_token(),
+                    self.pool.nbytes / 2**20, self.layout.group, self.layout.target_bytes / 2**20)
 
     def aux_layer_ids(self) -> tuple[int, ...]:
         """vLLM aux-layer indices: DeepSpec id t is the output of layer t = vLLM index t + 1."""
@@ -170,32 +198,15 @@ class DSparkV1Proposer:
                            "was the plugin registered in this process (VLLM_PLUGINS)?")
 
     # ---- per step --------------------------------------------------------------------------
-    def _release(self, req_id: str) -> None:
-        state = self.requests.pop(req_id, None)
-        self.pending.pop(req_id, None)
-        if state is not None:
-            self.context.drop(state.row)
-            self.free_rows.append(state.row)
-            self.scheduler.stale.forget([req_id])
-
-    def _state(self, req_id: str, first_pos: int) -> _RequestState:
-        state = self.requests.get(req_id)
-        if state is not None and state.next_pos != first_pos:
-            self._release(req_id)  # preempted and recomputed, or skipped positions: start over
-            state = None
-        if state is None:
-            state = _RequestState(row=self.free_rows.pop(), next_pos=first_pos)
-            self.cache.reset_rows(torch.tensor([state.row]))
-            self.context.drop(state.row)
-            self.requests[req_id] = state
-        return state
-
     @torch.no_grad()
     def propose_step(self, runner, scheduler_output, sampled_token_ids, aux_hidden_states) -> list[list[int]]:
         """Draft for every request in the batch (called by the plugin after each target step).
 
         The time since the previous call is one engine step without our drafting; it goes to the
         scheduler's step-cost estimator together with the tokens that step processed."""
+        if self.pool is None:
+            raise RuntimeError("DSpark's draft context pool is not allocated: the runner's initialize_kv_cache "
+                               "was not wrapped (was the dspark plugin registered in this process?)")
         self._last_step = (None, self._handed_out)
         if self._step_end is not None:  # that step verified the drafts handed out last call
             step_ms = (time.perf_counter() - self._step_end) * 1000.0
@@ -206,190 +217,226 @@ class DSparkV1Proposer:
                 self.stats.verify_premium = self.scheduler.step_cost.cost.verify_premium or 1.0
         self._handed_out = 0
         self._ingest_ms = None  # context flushed during this call (tracing)
+        write_draft_probs(runner, None, None)
         try:
-            return self._propose_step(runner, scheduler_output, sampled_token_ids, aux_hidden_states)
+            step = read_step(runner, scheduler_output, sampled_token_ids, aux_hidden_states, self.layout.group)
+            return self._propose_step(runner, step)
         finally:
             self._step_end = time.perf_counter()
 
-    def _propose_step(self, runner, scheduler_output, sampled_token_ids, aux_hidden_states) -> list[list[int]]:
-        req_ids = list(runner.input_batch.req_ids)
-        # Free rows of requests that left the batch (finished, aborted, preempted). vLLM does not
-        # call us every step, so finished_req_ids alone can miss some; the batch is the truth.
-        active = set(req_ids)
-        for req_id in [r for r in self.requests if r not in active] + list(scheduler_output.finished_req_ids):
-            self._release(req_id)
-        if isinstance(sampled_token_ids, torch.Tensor):
-            sampled = [[t for t in row if t >= 0] for row in sampled_token_ids.tolist()]
-        else:
-            sampled = [list(row) for row in sampled_token_ids]
-        num_sched = [int(scheduler_output.num_scheduled_tokens.get(r, 0)) for r in req_ids]
-        starts = list(itertools.accumulate(num_sched, initial=0))
-        total = starts[-1]
-        features = torch.cat([h[:total] for h in aux_hidden_states], dim=-1)
-        scheduled = [i for i, n in enumerate(num_sched) if n]
-        positions = runner._get_positions(total)
-        first_pos = positions[torch.tensor([starts[i] for i in scheduled], dtype=torch.long, device=positions.device)].tolist()
+    def _release_departed(self, step: StepInput) -> None:
+        """Forget requests that left the batch (finished, aborted, preempted). vLLM does not call
+        us every step, so finished_req_ids alone can miss some; the batch is the truth. With
+        prefix caching their queued context is written first: their blocks stay hit-able."""
+        active = set(step.req_ids)
+        gone = [r for r in self.requests if r not in active or r in step.finished]
+        if not gone:
+            return
+        states = [self.requests.pop(r) for r in gone]
+        if self.prefix_caching:
+            self._flush([s.key for s in states])
+        for req_id, state in zip(gone, states):
+            self.context.drop(state.key)
+            self.pending.pop(req_id, None)
+        self.scheduler.stale.forget(gone)
 
-        anchors, draft_ids = [], []
-        rows, valid_counts = [], []  # context to queue: the first valid_counts[j] tokens of each
-        for i, pos in zip(scheduled, first_pos):
-            req_id = req_ids[i]
-            spec = scheduler_output.scheduled_spec_decode_tokens.get(req_id, ())
-            valid = num_sched[i] - len(spec) + max(len(sampled[i]) - 1, 0)
-            state = self._state(req_id, int(pos))
-            rows.append(state.row)
-            valid_counts.append(valid)
-            state.next_pos += valid
-            verified = self.pending.pop(req_id, None)
-            if verified and sampled[i]:
-                self.stats.record_outcome(verified, len(sampled[i]) - 1)
-            if sampled[i]:
-                anchors.append(sampled[i][-1])
-                draft_ids.append((i, state.row))
-        if valid_counts != [num_sched[i] for i in scheduled]:  # rejected drafts or idle rows: keep each row's valid prefix
-            mask = np.zeros(total, dtype=bool)
-            for i, valid in zip(scheduled, valid_counts):
-                mask[starts[i]: starts[i] + valid] = True
-            features = features[torch.from_numpy(mask).to(features.device)]
-        self.context.push_step(rows, features, valid_counts)
-        out: list[list[int]] = [[] for _ in req_ids]
-        if not draft_ids:
-            self._flush(self.context.full_rows())
-            self._trace_step(len(req_ids), 0, 0, 0, sampled, None)
+    def _state(self, req_id: str, first_pos: int) -> tuple[_RequestState, bool]:
+        """This request's state, and whether it is new and starts past position 0 (a prefix-cache
+        hit: its first blocks were written by other requests)."""
+        state = self.requests.get(req_id)
+        if state is None:
+            state = _RequestState(key=next(self._keys), start=0, next_pos=first_pos)
+            self.requests[req_id] = state
+            return state, first_pos > 0
+        if state.next_pos != first_pos:  # steps we did not see, or recomputation: keep what is certain
+            if first_pos > state.next_pos:
+                self._flush([state.key])  # still this request's slots
+            else:
+                self.context.drop(state.key)  # superseded by the recomputed tokens
+            state.start, state.next_pos = first_pos, first_pos
+        return state, False
+
+    def _queue_context(self, step: StepInput) -> tuple[list[int], list[_RequestState], bool]:
+        """Queue this step's valid tokens; returns the drafting rows (those that emitted tokens),
+        their states, and whether a new request reads blocks other requests wrote."""
+        rows = np.flatnonzero(step.num_scheduled)
+        accepted = np.fromiter((max(len(step.sampled[i]) - 1, 0) for i in rows), dtype=np.int64, count=len(rows))
+        valid = step.num_scheduled[rows] - step.num_spec[rows] + accepted
+        states, hit = [], False
+        for i in rows:
+            state, new_hit = self._state(step.req_ids[i], int(step.first_pos[i]))
+            states.append(state)
+            hit |= new_hit
+        for state, n in zip(states, valid):
+            state.next_pos += int(n)
+        starts = np.cumsum(step.num_scheduled)[rows] - step.num_scheduled[rows]  # row offsets in the packed step
+        owner = np.repeat(np.arange(len(rows)), valid)
+        within = np.arange(len(owner)) - np.repeat(np.cumsum(valid) - valid, valid)
+        index = to_device(np.concatenate([starts[owner] + within, step.first_pos[rows][owner] + within]),
+                          step.features.device)
+        take, positions = index[: len(owner)], index[len(owner):]
+        self.context.push_step([s.key for s in states], step.features[take], valid.tolist(),
+                               step.slot_mapping[take], positions)
+        drafting = [j for j, i in enumerate(rows) if step.sampled[i]]
+        return [int(rows[j]) for j in drafting], [states[j] for j in drafting], hit
+
+    def _propose_step(self, runner, step: StepInput) -> list[list[int]]:
+        self._release_departed(step)
+        draft_rows, draft_states, hit = self._queue_context(step)
+        for row, state in zip(draft_rows, draft_states):
+            verified = self.pending.pop(step.req_ids[row], None)
+            if verified:
+                self.stats.record_outcome(verified, len(step.sampled[row]) - 1)
+        if hit:  # the new request's cached prefix may still be queued under its writer's key
+            self._flush(self.context.keys())
+        batch = len(step.req_ids)
+        out: list[list[int]] = [[] for _ in step.req_ids]
+        ready = len(draft_rows)
+        if not draft_rows:
+            self._flush(self.context.full_keys())
+            self._trace_step(step, 0, 0, 0, None)
             return out
-        load = StepLoad(base_tokens=len(req_ids) - len(draft_ids), max_num_tokens=self.max_num_tokens)
+        load = StepLoad(base_tokens=batch - ready, max_num_tokens=self.max_num_tokens)
         depth = self.block_size
-        ready = len(draft_ids)
         if self.oracle is None:
-            plan = self.scheduler.plan_draft(len(draft_ids), load)
+            plan = self.scheduler.plan_draft(ready, load)
             if plan.requests == 0:  # gated: plain decoding this step
-                self._flush(self.context.full_rows())
+                self._flush(self.context.full_keys())
                 self.stats.record_gated()
                 self.stats.maybe_flush()
-                self._trace_step(len(req_ids), ready, 0, 0, sampled, None)
+                self._trace_step(step, ready, 0, 0, None)
                 return out
-            if plan.requests < len(draft_ids):  # a gate probe: one request (rotating) drafts
-                pick = self.stats.steps % len(draft_ids)
-                anchors, draft_ids = [anchors[pick]], [draft_ids[pick]]
-                load = StepLoad(base_tokens=len(req_ids) - 1, max_num_tokens=self.max_num_tokens)
+            if plan.requests < ready:  # a gate probe: one request (rotating) drafts
+                pick = self.stats.steps % ready
+                draft_rows, draft_states = [draft_rows[pick]], [draft_states[pick]]
+                load = StepLoad(base_tokens=batch - 1, max_num_tokens=self.max_num_tokens)
             depth = plan.depth or self.block_size
-        # In cache-row order, so that a full batch drafts from a slice of the cache (rows_view)
-        order = sorted(range(len(draft_ids)), key=lambda j: draft_ids[j][1])
-        anchors, draft_ids = [anchors[j] for j in order], [draft_ids[j] for j in order]
-        self._flush([row for _, row in draft_ids] + self.context.full_rows())
-        draft_rows = torch.tensor([row for _, row in draft_ids])
-        view = self.cache.rows_view(draft_rows, spare=depth)
-        anchor = torch.tensor(anchors, dtype=torch.long)
-        temperature = self._draft_temperatures(runner, [i for i, _ in draft_ids])
-        seeds = torch.randint(0, 2**31 - 1, (len(anchors),), generator=self.seed_gen)
+        return self._draft(runner, step, draft_rows, draft_states, depth, load, ready, out)
+
+    def _draft(self, runner, step: StepInput, rows: list[int], states: list[_RequestState], depth: int,
+               load: StepLoad, ready: int, out: list[list[int]]) -> list[list[int]]:
+        # Shortest context first: the view cuts requests into chunks of similar length.
+        order = sorted(range(len(rows)), key=lambda j: states[j].next_pos - states[j].start)
+        rows, states = [rows[j] for j in order], [states[j] for j in order]
+        self._flush([s.key for s in states] + self.context.full_keys())
+        req_ids = [step.req_ids[i] for i in rows]
+        rows_np = np.asarray(rows, dtype=np.int64)
+        view = PagedContextView(self.pool, step.block_table[to_device(rows_np, step.block_table.device)],
+                                step.page_size, np.array([s.start for s in states]),
+                                np.array([s.next_pos for s in states]))
+        anchor = to_device(np.array([step.sampled[i][-1] for i in rows], dtype=np.int64), self.drafter.device)
+        temps = self._draft_temperatures(step.temperatures[rows_np])
+        all_greedy = bool((temps < GREEDY_EPS).all())
+        temperature = to_device(temps.astype(np.float32), self.drafter.device)
+        seeds = torch.randint(0, SEED_LIMIT, (len(rows),), generator=self.seed_gen)
+        fused = self.drafter.can_fuse_sampling
         if not self._warmed_up:  # first-call allocations and weight gathers, then time d(R)
-            self.drafter.propose(anchor, view, temperature, fused=self.drafter.can_fuse_sampling, seeds=seeds)
-            self._time_drafter(anchor, draft_rows, temperature)
+            self.drafter.propose(anchor, view, temperature, fused=fused, seeds=seeds, all_greedy=all_greedy)
+            self._time_drafter(anchor, view, temperature, all_greedy)
             self._warmed_up = True
         t_draft = time.perf_counter()
-        block = self.drafter.propose(anchor, view, temperature, fused=self.drafter.can_fuse_sampling, seeds=seeds,
-                                     depth=depth)
+        block = self.drafter.propose(anchor, view, temperature, fused=fused, seeds=seeds, depth=depth,
+                                     all_greedy=all_greedy)
         if block.probs is not None:
-            # q for vLLM's rejection sampler: rows in draft order, looked up by request id
-            runner._draft_probs = block.probs.to(runner.device)
-            runner._draft_prob_req_ids = [req_ids[i] for i, _ in draft_ids]
-        conf = self.scheduler.confidences(block.confidence_logits)
-        lengths = self._lengths(conf, [req_ids[i] for i, _ in draft_ids], load)
-        tokens = block.tokens.cpu().tolist()
+            write_draft_probs(runner, block.probs, req_ids)
+        tokens = block.tokens.tolist()  # host sync 1 of 2
+        logits = None if block.confidence_logits is None else block.confidence_logits.float().numpy(force=True)  # 2
+        conf = self.scheduler.confidences(logits)
+        lengths = self._lengths(conf, req_ids, load)
         draft_ms = (time.perf_counter() - t_draft) * 1000.0
         self.scheduler.observe_draft(conf, draft_ms)
         if self.oracle is not None:
-            batch = runner.input_batch
-            for j, (i, _) in enumerate(draft_ids):
-                history = batch.token_ids_cpu[i, : int(batch.num_tokens_no_spec[i])].tolist()
-                known = self.oracle.drafts(history, self.block_size, self.drafter.config.vocab_size)
+            for j, i in enumerate(rows):
+                known = self.oracle.drafts(token_history(runner, i), self.block_size, self.drafter.config.vocab_size)
                 if known is not None:
                     tokens[j] = known
-        for j, ((i, _), toks, n) in enumerate(zip(draft_ids, tokens, lengths)):
-            out[i] = toks[: int(n)]
+        for j, (i, toks, n) in enumerate(zip(rows, tokens, lengths)):
+            out[i] = toks[:n]
             if n > 0:
-                self.pending[req_ids[i]] = conf[j, : int(n)].tolist() if conf is not None else [float("nan")] * int(n)
-        kept = [int(n) for n in lengths]
-        self.stats.record_step(len(draft_ids) * depth, kept)
-        self._handed_out = sum(kept)
+                self.pending[req_ids[j]] = conf[j, :n].tolist() if conf is not None else [float("nan")] * n
+        self.stats.record_step(len(rows) * depth, lengths)
+        self._handed_out = sum(lengths)
         self.stats.maybe_flush()
-        self._trace_step(len(req_ids), ready, len(draft_ids), depth, sampled, draft_ms)
+        self._trace_step(step, ready, len(rows), depth, draft_ms)
         return out
 
-    def _flush(self, rows: list[int]) -> None:
-        """Ingest the queued context of ``rows`` and tell the gate what it cost (a drafted
-        step pays it on top of the draft; see ``scheduler/draft_gate.py``)."""
-        if not rows:
+    def _flush(self, keys: list[int]) -> None:
+        """Write the queued context of ``keys`` into the pool and tell the gate what it cost (a
+        drafted step pays it on top of the draft; see ``scheduler/draft_gate.py``)."""
+        if not keys:
             return
         t0 = time.perf_counter()
-        tokens = self.context.flush(rows)
+        tokens = self.context.flush(keys)
         if tokens:
             self._ingest_ms = (time.perf_counter() - t0) * 1000.0
             self.scheduler.observe_ingest(tokens, self._ingest_ms)
 
-    def _trace_step(self, batch: int, ready: int, drafting: int, depth: int, sampled: list[list[int]],
-                    draft_ms: float | None) -> None:
+    def _trace_step(self, step: StepInput, ready: int, drafting: int, depth: int, draft_ms: float | None) -> None:
         if not self.trace.enabled:
             return
-        emitted = sum(len(row) for row in sampled)
         gate = self.scheduler.gate
         step_ms, verified = self._last_step
         cost = self.scheduler.step_cost.cost if self.scheduler.step_cost is not None else None
-        self.trace.write(batch=batch, ready=ready, drafting=drafting, depth=depth,
+        self.trace.write(batch=len(step.req_ids), ready=ready, drafting=drafting, depth=depth,
                          gain=None if gate is None or drafting == 0 and ready == 0 else gate.last_gain,
                          step_ms=None if step_ms is None else round(step_ms, 3), verified=verified,
-                         emitted=emitted, draft_ms=None if draft_ms is None else round(draft_ms, 3),
+                         emitted=sum(len(row) for row in step.sampled),
+                         draft_ms=None if draft_ms is None else round(draft_ms, 3),
                          ingest_ms=None if self._ingest_ms is None else round(self._ingest_ms, 3),
                          scale=None if cost is None else round(cost.scale, 4),
                          premium=None if cost is None else cost.verify_premium)
 
-    def _time_drafter(self, anchor: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor) -> None:
-        """Time one full-block draft at each batch size in ``DRAFT_TIMING_SIZES`` (the rows at
-        hand, repeated), and shallow drafts (``SHALLOW_TIMING_DEPTHS``) at the largest size, and
-        feed the gate's draft timer (n = requests x depth), once per engine (0.2 s up to 8
-        requests for SmolLM2's drafter on this CPU).
+    def _time_drafter(self, anchor: torch.Tensor, view: PagedContextView, temperature: torch.Tensor,
+                      all_greedy: bool) -> None:
+        """Time one full-block draft at each batch size in ``DRAFT_TIMING_SIZES`` (the requests
+        at hand, repeated), and shallow drafts (``SHALLOW_TIMING_DEPTHS``) at the largest size,
+        and feed the gate's draft timer (n = requests x depth), once per engine.
 
-        Without it the timer extrapolates d(R) from the batch sizes that happened to draft first:
-        a server whose first drafts were single requests predicted 346 ms for 16 (proportional)
-        or 18 ms (a line through 1 and 2), against ~70 ms measured, and the gate opened or shut
-        at 16 clients on that error. Later drafts refine the fit (it forgets old points)."""
+        Without it the timer extrapolates d(R) from the batch sizes that happened to draft first
+        (a line through 1 and 2 requests, say), and the gate opens or shuts under load on that
+        error. Later drafts refine the fit (it forgets old points)."""
         if self.scheduler.gate is None:
             return
-        sizes = [r for r in DRAFT_TIMING_SIZES if r <= self.max_reqs]
+        max_reqs = int(self.vllm_config.scheduler_config.max_num_seqs)
+        sizes = [r for r in DRAFT_TIMING_SIZES if r <= max_reqs]
         runs = [(size, self.block_size) for size in sizes]
         runs += [(sizes[-1], d) for d in SHALLOW_TIMING_DEPTHS if d < self.block_size]
         for size, depth in runs:
-            pick = torch.arange(size) % len(rows)
-            view = self.cache.rows_view(rows[pick], spare=depth)
-            seeds = torch.randint(0, 2**31 - 1, (size,), generator=self.seed_gen)
+            pick = np.arange(size) % view.batch
+            index = to_device(pick, anchor.device)
+            seeds = torch.randint(0, SEED_LIMIT, (size,), generator=self.seed_gen)
             t0 = time.perf_counter()
-            block = self.drafter.propose(anchor[pick], view, temperature[pick], fused=self.drafter.can_fuse_sampling,
-                                         seeds=seeds, depth=depth)
+            block = self.drafter.propose(anchor[index], view.select(pick), temperature[index],
+                                         fused=self.drafter.can_fuse_sampling, seeds=seeds, depth=depth,
+                                         all_greedy=all_greedy)
             block.tokens.cpu()  # waits for the device, as a drafted step does
             self.scheduler.confidences(block.confidence_logits)  # part of a drafted step's cost too
             self.scheduler.gate.timer.observe(size * depth, (time.perf_counter() - t0) * 1000.0)
         self._time_ingestion(sizes[-1])
 
-    def _time_ingestion(self, rows: int) -> None:
-        """Seed the gate's ingestion line i(n): flush ``INGEST_TIMING_TOKENS`` tokens per row
-        of random features for ``rows`` rows into a scratch cache (the live one holds requests)."""
-        scratch = PendingContext(self.drafter, self.drafter.new_cache(rows))
+    def _time_ingestion(self, requests: int) -> None:
+        """Seed the gate's ingestion line i(n): flush ``INGEST_TIMING_TOKENS`` tokens per request
+        of random features for ``requests`` requests into a scratch pool (the live one is in use)."""
+        per_max = max(INGEST_TIMING_TOKENS)
+        scratch = PendingContext(self.drafter, self.drafter.new_pool(requests * per_max))
         width = self.drafter.fc.in_features  # m target layers x hidden size
-        for per_row in INGEST_TIMING_TOKENS:
-            for row in range(rows):
-                scratch.push(row, torch.randn(per_row, width, dtype=self.drafter.dtype, device=self.drafter.device))
+        device = self.drafter.device
+        for per in INGEST_TIMING_TOKENS:
+            n = requests * per
+            slots = torch.arange(n, device=device)
+            scratch.push_step(list(range(requests)), torch.randn(n, width, dtype=self.drafter.dtype, device=device),
+                              [per] * requests, slots, slots % per)
             t0 = time.perf_counter()
             tokens = scratch.flush()
-            scratch.cache.lengths.cpu()  # waits for the device
+            scratch.pool.keys[0][:1].cpu()  # waits for the device
             self.scheduler.gate.observe_ingest(tokens, (time.perf_counter() - t0) * 1000.0)
 
-    def _draft_temperatures(self, runner, rows: list[int]) -> torch.Tensor:
+    def _draft_temperatures(self, temperatures: np.ndarray) -> np.ndarray:
         """Per-request draft temperature: the request's own under ``draft_sampling: probabilistic``
         (drafts sampled from q, q handed to vLLM), else 0 (greedy drafts, one-hot q)."""
         if self.settings.draft_sampling != "probabilistic":
-            return torch.zeros(len(rows))
-        temps = runner.input_batch.temperature_cpu
-        return torch.tensor([float(temps[i]) for i in rows], dtype=torch.float32)
+            return np.zeros(len(temperatures))
+        return temperatures
 
     def _lengths(self, conf: np.ndarray | None, req_ids: list[str], load: StepLoad) -> list[int]:
         if conf is None:  # no confidence head: fixed policy (checked at start-up)
