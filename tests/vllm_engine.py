@@ -16,7 +16,10 @@ os.environ.setdefault("DSPARK_VLLM_METRICS_FLUSH_S", "0")
 def main() -> None:
     args = json.loads(sys.argv[1])
     for key, value in (args.get("env") or {}).items():
-        os.environ[key] = str(value)
+        if value is None:  # null: unset
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = str(value)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.v1.executor.uniproc_executor import UniProcExecutor
@@ -38,7 +41,9 @@ def main() -> None:
         kwargs["speculative_config"] = spec
     llm = LLM(args["target"], dtype="float32", enforce_eager=True, max_model_len=args.get("max_model_len", 512),
               enable_prefix_caching=args.get("prefix_caching", True), disable_log_stats=False,
-              max_num_seqs=args.get("max_num_seqs", 16), seed=0, **kwargs)
+              max_num_seqs=args.get("max_num_seqs", 16), seed=0,
+              kv_cache_memory_bytes=args.get("kv_cache_memory_bytes"), **kwargs,
+              **({"block_size": args["block_size"]} if args.get("block_size") else {}))
     params = SamplingParams(temperature=args.get("temperature", 0.0), max_tokens=args.get("max_tokens", 24),
                             ignore_eos=args.get("ignore_eos", False), seed=args.get("seed"))
     outputs = []
@@ -47,7 +52,7 @@ def main() -> None:
         outputs.append([list(r.outputs[0].token_ids) for r in results])
     metrics = {}
     for m in llm.get_metrics():
-        if m.name.startswith("vllm:spec_decode"):
+        if m.name.startswith(("vllm:spec_decode", "vllm:num_preemptions", "vllm:prefix_cache")):
             metrics[m.name] = getattr(m, "values", None) or getattr(m, "value", None)
     dspark = {}
     if os.environ.get("DSPARK_VLLM_METRICS_DIR"):
