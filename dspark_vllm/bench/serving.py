@@ -166,10 +166,11 @@ def run(args: argparse.Namespace) -> dict:
     fixed_yaml = Path(tempfile.mkdtemp()) / "fixed.yaml"
     fixed_yaml.write_text("scheduler:\n  policy: fixed\n")
     spec = {"method": "dspark", "model": str(Path(args.drafter).resolve())}
+    load_aware = {"DSPARK_VLLM_CONFIG": str(Path(args.settings).resolve() if args.settings
+                                            else CONFIGS_DIR / "llama-smollm2.yaml")}
     configs = [("no-spec", None, {}),
                ("dspark-fixed", spec, {"DSPARK_VLLM_CONFIG": str(fixed_yaml)}),
-               ("dspark-load-aware", spec, {"DSPARK_VLLM_CONFIG": str(Path(args.settings).resolve()
-                                                                    if args.settings else CONFIGS_DIR / "llama-smollm2.yaml")})]
+               ("dspark-load-aware", spec, load_aware)]
     if args.configs:
         unknown = set(args.configs) - {name for name, _, _ in configs}
         if unknown or "no-spec" not in args.configs:
@@ -178,6 +179,8 @@ def run(args: argparse.Namespace) -> dict:
         configs = [c for c in configs if c[0] in args.configs]
     for name, yaml_path in parse_variants(args.variant or [], [name for name, _, _ in configs]):
         configs.append((name, spec, {"DSPARK_VLLM_CONFIG": yaml_path}))
+    for name, tree in parse_code_trees(args.code or [], [name for name, _, _ in configs]):
+        configs.append((name, spec, {**load_aware, "PYTHONPATH": tree}))
     if args.twins:
         args.control = True
         configs = add_twins(configs)
@@ -240,6 +243,24 @@ def parse_variants(specs: list[str], taken: list[str]) -> list[tuple[str, str]]:
             raise SystemExit(f"--variant {spec!r}: cost_profile {profile} does not exist (a relative path is "
                              "read from the YAML's folder; copy the profile there or give an absolute path)")
         out.append((name, str(Path(path).resolve())))
+    return out
+
+
+def parse_code_trees(specs: list[str], taken: list[str]) -> list[tuple[str, str]]:
+    """``NAME=PATH`` pairs for ``--code``: a load-aware DSpark server whose ``dspark_vllm`` is
+    imported from another checkout of this repository (e.g. ``git worktree add /tmp/base HEAD~1``),
+    so a code change and its parent are measured in one run."""
+    out: list[tuple[str, str]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--code {spec!r}: expected NAME=PATH of a checkout")
+        if name in taken or name in (n for n, _ in out) or name == "no-spec-control" or name.endswith(TWIN_SUFFIX):
+            raise SystemExit(f"--code {spec!r}: the name {name!r} is already used or reserved; pick another")
+        tree = Path(path).expanduser().resolve()
+        if not (tree / "dspark_vllm" / "__init__.py").exists():
+            raise SystemExit(f"--code {spec!r}: {tree} has no dspark_vllm package")
+        out.append((name, str(tree)))
     return out
 
 
@@ -444,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", metavar="NAME=YAML",
                    help="an extra DSpark server named NAME with these settings (repeatable): compare tunings "
                         "in one run, e.g. --variant margin-1.15=my.yaml")
+    p.add_argument("--code", action="append", metavar="NAME=PATH",
+                   help="an extra load-aware DSpark server importing dspark_vllm from another checkout "
+                        "(repeatable): compare code changes in one run, e.g. --code before=/tmp/base")
     p.add_argument("--control", action="store_true",
                    help="add a second no-speculation server (no-spec-control): its ratios are this run's noise")
     p.add_argument("--twins", action="store_true",
