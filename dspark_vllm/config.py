@@ -158,7 +158,10 @@ class DSparkConfig:
 
             keys = {k: v for k, v in self.raw.items() if k not in _DRAFT_ONLY_KEYS}
             keys["layer_types"] = ["full_attention"] * self.num_layers
-            keys["num_kv_shared_layers"] = 0
+            # Gemma4TextMLP reads this against the *draft* layer count: with use_double_wide_mlp,
+            # draft layers i >= num_layers - num_kv_shared_layers > 0 have twice the intermediate
+            # size, as DeepSpec builds them from the same config.
+            keys["num_kv_shared_layers"] = int(self.raw.get("num_kv_shared_layers") or 0)
             keys["global_head_dim"], _, _ = self.attention_dims()
             return Gemma4TextConfig(**keys)
         from transformers import Qwen3Config

@@ -65,6 +65,22 @@ class DSparkDrafter(nn.Module):
         self.draft_vocab: torch.Tensor | None = None
         self._draft_weights: tuple | None = None
 
+    def _apply(self, fn, recurse: bool = True):
+        """Keep the rotary tables' frequencies in float32 whatever dtype the drafter moves to.
+
+        ``drafter.to(torch.bfloat16)`` would otherwise round inv_freq to bf16, and at long
+        contexts the rounded frequency drifts the rotary phase (a Gemma4 drafter's base logits
+        moved by several units at 3,000 positions). DeepSpec's models keep these buffers in
+        float32 too; cos/sin are still cast to the activations' dtype when applied."""
+        rotary = getattr(self, "rotary_emb", None)
+        saved = {} if rotary is None else {n: b for n, b in rotary._buffers.items()
+                                           if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, before in saved.items():
+            after = rotary._buffers[name]
+            rotary._buffers[name] = before.to(device=after.device, dtype=torch.float32)
+        return self
+
     @torch.no_grad()
     def bind_target_embeddings(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
         """Copy the target's input embedding and LM head (the drafter's frozen shared weights).

@@ -325,3 +325,76 @@ def test_pending_context_byte_budget_flushes_largest_backlogs_first(tiny_qwen3):
     assert pending.total_bytes == 7 * token_bytes
     pending.drop(0)
     assert pending.total_bytes == 5 * token_bytes and pending.full_keys() == []
+
+
+def _long_context_drift(d32, d16, anchors, feats):
+    """(max |base logits fp32 - bf16|, greedy blocks equal) over the anchors, one long context."""
+    caches = []
+    for d in (d32, d16):
+        c = d.new_cache(1)
+        d.add_context(c, feats.to(d.dtype), torch.tensor([feats.shape[1]]))
+        caches.append(c)
+    drift, same = 0.0, 0
+    with torch.no_grad():
+        for a in anchors:
+            b32 = d32.base_logits(d32.forward_block(a[None], caches[0]))
+            b16 = d16.base_logits(d16.forward_block(a[None], caches[1]))
+            drift = max(drift, float((b32 - b16).abs().max()))
+            same += int(torch.equal(d32.propose(a[None], caches[0], torch.zeros(1)).tokens,
+                                    d16.propose(a[None], caches[1], torch.zeros(1)).tokens))
+    return drift, same
+
+
+def test_bf16_gemma4_drafts_match_float32_over_a_long_context(tmp_path):
+    """Loaded in bf16 (the vLLM path), a Gemma4 drafter keeps its rotary frequencies in float32:
+    over 3,000 context positions its base logits stay within bf16 noise of the float32 drafter
+    and the greedy blocks agree. Negative control: the same drafter with its frequencies rounded
+    to bf16 (what ``.to(bfloat16)`` used to do) drifts by several logit units."""
+    from transformers import AutoModelForCausalLM
+
+    from dspark_vllm.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = Gemma4TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=32,
+                           num_global_key_value_heads=1, attention_k_eq_v=True, hidden_size_per_layer_input=0,
+                           final_logit_softcapping=30.0, layer_types=["full_attention"] * 3,
+                           max_position_embeddings=8192)
+    d32 = _drafter(AutoModelForCausalLM.from_config(cfg), target_layer_ids=[0, 1])
+    with torch.no_grad():
+        d32.lm_head.weight.mul_(20.0)  # clear argmax margins: ties would make "equal drafts" a coin flip
+    save_checkpoint(d32, tmp_path / "g4")
+    d16 = load_checkpoint(tmp_path / "g4", dtype=torch.bfloat16)
+    assert d16.fc.weight.dtype == torch.bfloat16
+    assert all(b.dtype == torch.float32 for b in d16.rotary_emb.buffers())
+    feats = _features(1, 3000, 128, seed=1)
+    anchors = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(2))
+    drift, same = _long_context_drift(d32, d16, anchors, feats)
+    assert drift < 1.0 and same >= 18
+    for name, buf in list(d16.rotary_emb._buffers.items()):
+        d16.rotary_emb._buffers[name] = buf.to(torch.bfloat16).float()
+    drift, same = _long_context_drift(d32, d16, anchors, feats)
+    assert drift > 5.0 and same <= 10
+
+
+def test_gemma4_double_wide_mlp_layers_load_and_run(tmp_path):
+    """Gemma4 configs with use_double_wide_mlp give the last num_kv_shared_layers layers twice
+    the intermediate size (Gemma4TextMLP's rule, applied to the draft layers as DeepSpec does):
+    such a checkpoint loads with those shapes and drafts."""
+    from transformers import AutoModelForCausalLM
+
+    from dspark_vllm.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = Gemma4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=16,
+                           num_global_key_value_heads=1, attention_k_eq_v=True, hidden_size_per_layer_input=0,
+                           layer_types=["full_attention"] * 3, num_kv_shared_layers=1, use_double_wide_mlp=True)
+    d = _drafter(AutoModelForCausalLM.from_config(cfg), target_layer_ids=[0, 1])
+    assert [layer.mlp.down_proj.weight.shape[1] for layer in d.layers] == [48, 96]
+    save_checkpoint(d, tmp_path / "wide")
+    loaded = load_checkpoint(tmp_path / "wide")
+    assert loaded.layers[1].mlp.down_proj.weight.shape == (32, 96)
+    cache = loaded.new_cache(1)
+    loaded.add_context(cache, _features(1, 5, 64), torch.tensor([5]))
+    torch.testing.assert_close(loaded.forward_block(torch.tensor([3]), cache), d.forward_block(torch.tensor([3]), cache))
+    assert loaded.propose(torch.tensor([3]), cache, torch.zeros(1)).tokens.shape == (1, 4)
