@@ -88,7 +88,11 @@ class ReferenceDecoder:
         anchor = first.output_tokens[:, 0]
         anchor_pos = prompt_lens.clone()
         outputs = [[int(t)] for t in anchor]
-        done = [int(t) in stop or sampling.max_new_tokens <= 1 for t in anchor]
+        # DeepSpec's loop runs while the anchor sits before max length, i.e. while at most
+        # max_new_tokens tokens are committed: a round that ends exactly at max length is
+        # followed by one more (its tokens past max length are dropped, its acceptance counted).
+        committed = [1] * n
+        done = [int(t) in stop for t in anchor]
         if self.proposer is not None:
             self.proposer.start(n)
             self.proposer.add_context(step.features, prompt_lens)
@@ -113,10 +117,11 @@ class ReferenceDecoder:
                 emitted, accepted_cut, stopped = _cut_at_stop(result.emitted(r), accepted, stop)
                 stats.record_round(int(lengths[r]), accepted_cut, stopped)
                 room = sampling.max_new_tokens - len(outputs[r])
-                outputs[r].extend(emitted[:room])
+                outputs[r].extend(emitted[:max(room, 0)])
+                committed[r] += len(emitted)
                 kept[r] = accepted + 1
                 anchor[r] = emitted[-1]
-                if len(emitted) > room or emitted[-1] in stop or len(outputs[r]) >= sampling.max_new_tokens:
+                if emitted[-1] in stop or committed[r] > sampling.max_new_tokens:
                     done[r] = True
             self.target.commit(kept)
             if self.proposer is not None:

@@ -1,9 +1,13 @@
-"""Acceptance statistics with the DeepSpec evaluator's definitions (spec §1.9).
+"""Acceptance statistics with the DeepSpec evaluator's definitions
+(``deepspec/eval/base_evaluator.py``: ``verify_draft_tokens``, ``build_metrics_row``).
 
 Per round: acceptance_length = accepted drafts + 1 (the bonus/correction token), or just the
-accepted drafts when the round ended on a stop token. tau = mean acceptance length per round.
-accept_rate@k = rounds with more than k accepted / rounds that verified more than k drafts
-(unconditional prefix survival); the conditional rate at k divides by accept@(k-1).
+accepted drafts when an accepted draft was a stop token; the round's proposal length is then
+cut to the accepted drafts too (the drafts after the stop token do not count as proposed).
+tau = mean acceptance length per round. accept_rate@k = rounds with more than k accepted /
+rounds that proposed more than k drafts (unconditional prefix survival); the conditional rate
+at k divides by accept@(k-1). Which rounds exist is the decoding loop's business: the reference
+decoder runs them as DeepSpec's loop does (see ``reference_decoder.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ class AcceptanceStats:
         self.reached = self.reached or [0] * self.block_size
 
     def record_round(self, draft_len: int, accepted: int, stopped: bool) -> None:
+        """One verification: ``draft_len`` drafts verified, ``accepted`` of them accepted (cut at a
+        stop token), ``stopped``: an accepted draft was a stop token."""
+        if stopped:
+            draft_len = accepted
         self.rounds += 1
         self.draft_tokens += draft_len
         self.accepted_tokens += accepted

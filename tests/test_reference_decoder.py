@@ -49,7 +49,8 @@ def test_shallow_drafts_keep_greedy_output(tiny_qwen3, depth):
 
 def test_tiny_qwen3_oracle_accepts_everything_and_corruption_cuts_there(tiny_qwen3):
     expected = [hf_greedy(tiny_qwen3, p, 40) for p in TINY_PROMPTS]
-    seqs = [p + e + [0] * 8 for p, e in zip(TINY_PROMPTS, expected)]
+    # the oracle knows a block past max length: DeepSpec's loop may run a round from the last token
+    seqs = [p + hf_greedy(tiny_qwen3, p, 45) + [0] * 8 for p in TINY_PROMPTS]
     out, stats = run(tiny_qwen3, OracleProposer(seqs, 4, 128), TINY_PROMPTS, 40)
     assert out == expected
     assert stats.conditional_accept_rate() == [1.0] * 4
@@ -116,3 +117,36 @@ def test_every_policy_keeps_greedy_output(tiny_qwen3, policy):
     records = recorder.records()
     assert records.logits.shape[1] == 4 and len(records.verified) == stats.rounds
     assert (records.accepted <= records.verified).all()
+
+
+def test_a_round_ending_at_max_length_is_followed_by_one_more_as_in_deepspec(tiny_qwen3):
+    """DeepSpec's loop runs while the anchor sits before max length: with 7 new tokens and an
+    oracle for 8, round 1 commits 6 (5 drafts + bonus) = 7 tokens, and a second round runs from
+    the 7th, accepting the one draft the oracle still knows. DeepSpec's figures: tau (6 + 2) / 2
+    = 4.0, accept_rate [1.0, 0.5, 0.5, 0.5, 0.5]; the output is still the 7 greedy tokens."""
+    prompt = TINY_PROMPTS[0]
+    ref = hf_greedy(tiny_qwen3, prompt, 8)
+    wrong = next(t for t in range(128) if t not in ref)  # pads the oracle past its reference
+    oracle = OracleProposer([prompt + ref + [wrong] * 8], 5, 128)
+    out, stats = run(tiny_qwen3, oracle, [prompt], 7)
+    assert out == [ref[:7]]
+    assert stats.rounds == 2 and stats.tau == 4.0
+    assert stats.accept_rate() == [1.0, 0.5, 0.5, 0.5, 0.5]
+
+
+def test_a_stop_token_among_accepted_drafts_cuts_the_proposal_as_in_deepspec(tiny_qwen3):
+    """An accepted draft that is a stop token ends the request there: no bonus token, and the
+    round counts as proposing only up to it (DeepSpec's effective_proposal_length). Round 1: 5
+    drafts + bonus; round 2 stops at its 4th draft: drafts per round (5 + 4) / 2 = 4.5, tau
+    (6 + 4) / 2 = 5.0."""
+    for prompt in ([1, 2, 3, 4, 5], [7, 8, 9], [11, 12, 13], [21, 22], [31, 32, 33, 34]):
+        ref = hf_greedy(tiny_qwen3, prompt, 12)
+        if ref[10] not in ref[:10]:
+            break
+    else:
+        pytest.skip("no prompt whose 11th greedy token is new")  # the tiny model is fixed: never reached
+    stop = ref[10]
+    oracle = OracleProposer([prompt + ref + [0] * 8], 5, 128)
+    out, stats = run(tiny_qwen3, oracle, [prompt], 30, stop=[stop])
+    assert out == [ref[:11]]
+    assert stats.rounds == 2 and stats.draft_tokens / stats.rounds == 4.5 and stats.tau == 5.0
