@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dspark-installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast gpu-check clean
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ test: install
 
 test-fast: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow"
+
+# On a CUDA machine with torch, triton and transformers (a lent GPU: no vLLM, no PyPI): kernel
+# correctness and speed, the drafter step at Qwen3-8B sizes; writes gpu-check.json to $OUT or here.
+gpu-check:
+	python3 -m dspark_vllm.bench.gpu_check --json $${OUT:-.}/gpu-check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

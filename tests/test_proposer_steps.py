@@ -8,6 +8,7 @@ import pytest
 import torch
 from stub_runner import PAGE, StubRunner
 
+from dspark_vllm.bench.host_syncs import HostSyncCounter
 from dspark_vllm.drafters import SMOLLM2_DRAFTER
 from dspark_vllm.settings import CONFIGS_DIR
 from dspark_vllm.vllm_plugin.patches import ENV_CHECKPOINT, ENV_CONFIG
@@ -179,23 +180,6 @@ def test_step_trace_records_drafted_and_gated_steps(proposer, tmp_path):
     assert rows[1]["gain"] is not None and rows[1]["gain"] < 1.0 and rows[1]["emitted"] == NUM_REQS
 
 
-class SyncCounter:
-    """Counts calls that make the host wait for a device tensor's value."""
-
-    METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
-
-    def __init__(self, monkeypatch) -> None:
-        self.calls: list[str] = []
-        for name in self.METHODS:
-            real = getattr(torch.Tensor, name)
-
-            def counted(t, *a, _real=real, _name=name, **kw):
-                self.calls.append(_name)
-                return _real(t, *a, **kw)
-
-            monkeypatch.setattr(torch.Tensor, name, counted)
-
-
 def _decode_syncs(monkeypatch, batch: int) -> tuple[int, int]:
     """(host syncs of a drafted decode step, of a gated one) for ``batch`` requests."""
     from dspark_vllm.scheduler.draft_gate import DraftPlan
@@ -214,9 +198,9 @@ def _decode_syncs(monkeypatch, batch: int) -> tuple[int, int]:
             m.setattr(p.scheduler, "plan_draft", lambda n, load=None, plan=plan: plan)
             spec = {r: d for r, d in zip(ids, drafts) if d}
             sampled = [[11] * (1 + len(d) // 2) for d in drafts]  # half of each block accepted
-            counter = SyncCounter(m)
-            drafts, _ = runner.step(p, lengths, [1 + len(d) for d in drafts], sampled=sampled, spec=spec, seed=2)
-            counts.append(len(counter.calls))
+            with HostSyncCounter() as syncs:
+                drafts, _ = runner.step(p, lengths, [1 + len(d) for d in drafts], sampled=sampled, spec=spec, seed=2)
+            counts.append(len(syncs))
             lengths = [n + len(s) for n, s in zip(lengths, sampled)]
         return counts[0], counts[1]
 
