@@ -1,4 +1,4 @@
-"""Draft decoder layers with target-context K/V injection (spec §1.4-1.5).
+"""Draft decoder layers with target-context K/V injection.
 
 Each layer attends from the block tokens [anchor, MASK x (B-1)] to [context ; block] without a
 causal mask: context K/V come from the fused target hidden states (same H_ctx for every

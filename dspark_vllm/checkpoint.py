@@ -1,6 +1,6 @@
 """DeepSpec-format drafter checkpoints: load, save, validate against a target, build random.
 
-Format (spec §1.2-1.3): a folder with ``config.json`` (the target's config plus the drafter's
+Format (docs/architecture.md, *Checkpoints*): a folder with ``config.json`` (the target's config plus the drafter's
 keys) and ``model.safetensors`` whose tensor names are the drafter's ``state_dict`` names.
 Every mismatch with the target raises :class:`CheckpointMismatchError` naming the field, both
 values, and what to do, so a wrong drafter never produces silently wrong tokens.

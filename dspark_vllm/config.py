@@ -1,7 +1,7 @@
 """The drafter's ``config.json`` (DeepSpec format) as a typed view.
 
 A DeepSpec drafter config is a copy of the target's (text) config with the drafter's own keys
-added (spec §1.2). We keep the raw dict untouched so a checkpoint round-trips bit for bit, and
+added (see docs/architecture.md, *Checkpoints*). We keep the raw dict untouched so a checkpoint round-trips bit for bit, and
 expose the fields the drafter needs as properties with DeepSpec's names.
 """
 

@@ -10,7 +10,7 @@ Round structure (inference):
    U_k = lm_head(h_k) (soft-capped for Gemma4), then sample left to right through the Markov head
    and score each position with the confidence head.
 
-Parameter names equal the DeepSpec checkpoint tensor names (see the README's *Checkpoints*).
+Parameter names equal the DeepSpec checkpoint tensor names (see docs/architecture.md, *Checkpoints*).
 """
 
 from __future__ import annotations

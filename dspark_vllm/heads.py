@@ -1,4 +1,4 @@
-"""DSpark's sequential heads: Markov transition bias and confidence (spec §1.6-1.7).
+"""DSpark's sequential heads: Markov transition bias and confidence (paper Eq. 5-7).
 
 All heads share one interface so the left-to-right sampler does not care which one it drives:
 ``init_state`` -> per-request recurrent state (None for stateless heads), ``step_bias`` -> the

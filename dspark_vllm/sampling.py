@@ -1,4 +1,4 @@
-"""Left-to-right block sampling through the sequential head (spec §1.8).
+"""Left-to-right block sampling through the sequential head.
 
 The parallel backbone gives base logits U [N, B, V] for the whole block at once; this loop adds
 the head's transition bias position by position, samples d_k, and feeds it forward as prev.

@@ -1,4 +1,4 @@
-"""Anchor sampling and packed training blocks (spec §1.5).
+"""Anchor sampling and packed training blocks.
 
 Each training row is one sequence: its context features (positions before the last anchor)
 followed by A blocks [x_a, MASK x (B-1)] at positions a..a+B-1. The attention mask lets block b

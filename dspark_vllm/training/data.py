@@ -170,7 +170,7 @@ class FeatureShard:
 
 @torch.no_grad()
 def capture_features(model, samples: list[Sample], layer_ids: list[int], batch_tokens: int = 4096) -> FeatureShard:
-    """Run the target over each sample once and keep the drafter's inputs (spec §1.4):
+    """Run the target over each sample once and keep the drafter's inputs:
     raw outputs of ``layer_ids`` (HF hidden_states[id + 1]) and the final normed hidden state.
     Runs on the model's device; the shard is returned on the CPU."""
     device = next(model.parameters()).device

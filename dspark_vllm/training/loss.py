@@ -1,4 +1,4 @@
-"""The DSpark training loss (spec §2, paper Eq. 7-8) on teacher-forced blocks.
+"""The DSpark training loss (paper Eq. 7-8; docs/paper-map.md) on teacher-forced blocks.
 
 For block output k (0-based) with label x*_k, draft logits z_k = U_k + B_k(prev_k) (prev_0 = the
 anchor, prev_k = x*_{k-1}) and the target's logits z^t_k at the same label position:

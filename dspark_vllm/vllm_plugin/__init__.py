@@ -2,7 +2,7 @@
 
 Entry point ``vllm.general_plugins: dspark = dspark_vllm.vllm_plugin:register``. vLLM runs it in
 the API server, the engine core and every worker, so :func:`register` is idempotent. It touches
-this vLLM API surface (listed in the README; keep it small):
+this vLLM API surface (listed in docs/vllm-adapter.md; keep it small):
 
 * ``SpeculativeConfig.__post_init__`` (wrapped): a ``method: "dspark"`` config pointing at a
   DeepSpec checkpoint folder is validated against the target with our errors, then rewritten to
