@@ -115,3 +115,16 @@ def test_install_wraps_the_kv_cache_hooks():
     assert getattr(CPUWorker.determine_available_memory, "_dspark_wrapped", False)
     assert getattr(Worker.determine_available_memory, "_dspark_wrapped", False)
     assert GPUModelRunner.initialize_kv_cache.__wrapped__ is not None
+
+
+def test_every_vllm_symbol_the_plugin_touches_exists():
+    """The manifest of wrapped and read vLLM symbols resolves in the installed vLLM (a rename in
+    a new vLLM release fails here, not in a served step)."""
+    missing = []
+    for dotted, reason in patches.VLLM_SYMBOLS:
+        assert reason
+        try:
+            patches.resolve_symbol(dotted)
+        except (ImportError, AttributeError) as exc:
+            missing.append(f"{dotted}: {exc}")
+    assert not missing, missing

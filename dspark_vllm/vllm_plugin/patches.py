@@ -294,6 +294,48 @@ def _wrap_available_memory() -> None:
         cls.determine_available_memory = determine_available_memory
 
 
+# Every vLLM symbol the plugin wraps or reads, with the reason (docs/vllm-adapter.md explains
+# each; tests/test_runner_patches.py checks they all exist in the installed vLLM).
+VLLM_SYMBOLS: tuple[tuple[str, str], ...] = (
+    ("vllm.config.speculative.SpeculativeConfig.__post_init__",
+     "wrapped: validate a dspark config against the target, route it to the custom_class proposer"),
+    ("vllm.v1.worker.gpu_model_runner.GPUModelRunner.__init__", "wrapped: turn on aux hidden states, attach the proposer"),
+    ("vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_eagle3_aux_layers_from_config",
+     "wrapped: aux layers = the checkpoint's target_layer_ids"),
+    ("vllm.v1.worker.gpu_model_runner.GPUModelRunner.propose_draft_token_ids",
+     "wrapped: hand the proposer the step's aux hidden states"),
+    ("vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample",
+     "wrapped: a step with no drafts samples plainly instead of through the rejection sampler"),
+    ("vllm.v1.worker.gpu_model_runner.GPUModelRunner.sample_tokens", "wrapped: drafts ride on the step's output"),
+    ("vllm.v1.worker.gpu_model_runner.GPUModelRunner.initialize_kv_cache",
+     "wrapped: allocate the draft context pool once vLLM sized its KV cache"),
+    ("vllm.v1.worker.gpu_model_runner.GPUModelRunner.get_kv_cache_spec", "read: target KV bytes per token"),
+    ("vllm.v1.worker.gpu_worker.Worker.determine_available_memory", "wrapped: the pool's share of the KV budget"),
+    ("vllm.v1.worker.cpu_worker.CPUWorker.determine_available_memory", "wrapped: the same on CPU"),
+    ("vllm.v1.core.sched.scheduler.Scheduler.update_from_output", "wrapped: take the drafts carried by the output"),
+    ("vllm.v1.engine.core.EngineCore.post_step", "wrapped: skip the draft RPC when the output carried them"),
+    ("vllm.v1.outputs.ModelRunnerOutput", "read: the step output the drafts ride on"),
+    ("vllm.v1.worker.block_table.BlockTable", "read: block_table / slot_mapping / block_size of the KV group"),
+    ("vllm.v1.kv_cache_interface.FullAttentionSpec", "read: the KV group whose slots the pool mirrors"),
+)
+
+
+def resolve_symbol(dotted: str):
+    """The object at ``dotted`` (module path, then attributes), or raise AttributeError/ImportError."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(f"no module found for {dotted}")
+
+
 def install() -> None:
     _wrap_speculative_config()
     _wrap_model_runner()
