@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("dspark_vllm")
+# A child of vLLM's logger: its handlers and format print our start-up lines in every process.
+LOGGER_NAME = "vllm.dspark"
+logger = logging.getLogger(LOGGER_NAME)
 
 SUPPORTED_VLLM = ("0.32.", "0.33.")
 _REGISTERED = False

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..checkpoint import CheckpointMismatchError, load_config, validate_against_target
 from ..config import SUPPORTED_ARCHS, DSparkConfigError
+from . import LOGGER_NAME
 from ..settings import CONFIGS_DIR, SettingsError, load_settings
 
 PROPOSER_PATH = "dspark_vllm.vllm_plugin.proposer.DSparkV1Proposer"
@@ -17,7 +18,7 @@ ENV_CHECKPOINT = "DSPARK_VLLM_CHECKPOINT"
 ENV_CONFIG = "DSPARK_VLLM_CONFIG"
 ENV_BACKEND = "DSPARK_VLLM_BACKEND"  # "upstream": leave method=dspark to vLLM (MRV2 on CUDA)
 SETTINGS_IN_CHECKPOINT = "dspark.yaml"
-logger = logging.getLogger("dspark_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
 
 class DSparkStartupError(ValueError):

@@ -49,13 +49,14 @@ from ..pending_context import PendingContext
 from ..sampling import GREEDY_EPS, SEED_LIMIT
 from ..scheduler import CostProfile, StepLoad, VerifyLengthScheduler
 from ..settings import load_settings
+from . import LOGGER_NAME
 from .metrics import DSparkStats
 from .patches import ENV_CHECKPOINT, ENV_CONFIG
 from .runner_io import KVLayout, StepInput, kv_layout, read_step, token_history, write_draft_probs
 from .startup_profile import ENV_COST_PROFILE
 from .step_trace import StepTrace
 
-logger = logging.getLogger("dspark_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
 
 ENV_ORACLE = "DSPARK_VLLM_ORACLE"
