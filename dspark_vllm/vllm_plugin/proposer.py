@@ -284,7 +284,7 @@ class DSparkV1Proposer:
     def _propose_step(self, runner, step: StepInput) -> list[list[int]]:
         self._release_departed(step)
         draft_rows, draft_states, hit = self._queue_context(step)
-        for row, state in zip(draft_rows, draft_states):
+        for row in draft_rows:
             verified = self.pending.pop(step.req_ids[row], None)
             if verified:
                 self.stats.record_outcome(verified, len(step.sampled[row]) - 1)
