@@ -46,10 +46,6 @@ class PagedContextPool:
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
     @property
-    def num_slots(self) -> int:
-        return self.keys[0].shape[0]
-
-    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
@@ -72,14 +68,13 @@ class PagedContextView:
         self.counts = (ends - starts).astype(np.int64)
         device = pool.keys[0].device
         width = int(self.counts.max()) if len(self.counts) else 0
-        start_t = to_device(starts.astype(np.int64), device)
-        count_t = to_device(self.counts, device)
+        start_t, count_t, end_t = to_device(np.stack([starts, self.counts, ends]).astype(np.int64), device)
         offsets = torch.arange(width, device=device)
         self.mask = offsets[None, :] < count_t[:, None]  # [N, T]
         pos = torch.where(self.mask, start_t[:, None] + offsets[None, :], start_t[:, None])
         blocks = torch.gather(block_rows.to(device).long(), 1, pos // block_size)
         self.slots = torch.where(self.mask, blocks * block_size + pos % block_size, 0)  # [N, T]
-        self.positions = to_device(ends.astype(np.int64), device)  # anchor positions
+        self.positions = end_t  # anchor positions
 
     @property
     def batch(self) -> int:

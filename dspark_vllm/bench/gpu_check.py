@@ -99,7 +99,7 @@ def check_kernels(sizes: dict, device: torch.device) -> list[dict]:
 
 def time_kernels(sizes: dict, device: torch.device) -> list[dict]:
     from ..kernels.markov_sampling import markov_sample
-    from .markov_kernel import peak_bandwidth
+    from .markov_kernel import kernel_bytes, peak_bandwidth
 
     vocab, rank, block, hidden = sizes["vocabs"][0], sizes["ranks"][0], sizes["block"], sizes["hidden"]
     dtype = torch.bfloat16
@@ -112,7 +112,7 @@ def time_kernels(sizes: dict, device: torch.device) -> list[dict]:
         args["temperature"] = torch.zeros(n, device=device)
         kern = timed_ms(lambda: markov_sample(**args, backend="triton"), device)
         ref = timed_ms(lambda: markov_sample(**args, backend="torch"), device)
-        nbytes = block * (vocab * rank * 2 + n * vocab * 2) + n * block * (hidden * 2 + rank * 2)
+        nbytes = kernel_bytes(n, block, vocab, rank, hidden)
         gbs = nbytes / (kern * 1e-3) / 1e9
         pct = 100 * gbs * 1e9 / peak if peak else None
         rows.append(dict(batch=n, kernel_ms=kern, torch_ms=ref, speedup=ref / kern, gb_s=gbs, pct_peak=pct))

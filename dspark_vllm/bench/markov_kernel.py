@@ -25,6 +25,12 @@ def peak_bandwidth(name: str) -> float | None:
     return None
 
 
+def kernel_bytes(batch: int, block: int, vocab: int, rank: int, hidden: int, itemsize: int = 2) -> int:
+    """Bytes one call must move: per position W2 [V, r] and the base logits [N, V], plus the
+    per-request hidden states and W1 rows."""
+    return block * (vocab * rank + batch * vocab) * itemsize + batch * block * (hidden + rank) * itemsize
+
+
 def time_ms(fn, repeats: int = 20) -> float:
     for _ in range(3):
         fn()
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         kern = time_ms(lambda: markov_sample(**call, backend="triton"))
         ref = time_ms(lambda: markov_sample(**call, backend="torch"))
         same = torch.equal(markov_sample(**call, backend="triton")[0], markov_sample(**call, backend="torch")[0])
-        nbytes = b * (v * r * 2 + n * v * 2) + n * b * (h * 2 + r * 2)
+        nbytes = kernel_bytes(n, b, v, r, h)
         gbs = nbytes / (kern * 1e-3) / 1e9
         pct = f"{100 * gbs * 1e9 / peak:6.1f}%" if peak else "    n/a"
         print(f"{n:>6} {kern:>10.3f} {ref:>10.3f} {ref / kern:>8.2f}x {gbs:>8.0f} {pct:>7} {str(same):>9}")
