@@ -68,10 +68,10 @@ class DSparkDrafter(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """Keep the rotary tables' frequencies in float32 whatever dtype the drafter moves to.
 
-        ``drafter.to(torch.bfloat16)`` would otherwise round inv_freq to bf16, and at long
-        contexts the rounded frequency drifts the rotary phase (a Gemma4 drafter's base logits
-        moved by several units at 3,000 positions). DeepSpec's models keep these buffers in
-        float32 too; cos/sin are still cast to the activations' dtype when applied."""
+        ``drafter.to(torch.bfloat16)`` would otherwise round inv_freq to bf16, and the rounding
+        error in the frequency grows with the position, so long contexts drift away from the
+        float32 drafter. DeepSpec's models keep these buffers in float32 too; cos/sin are still
+        cast to the activations' dtype when applied."""
         rotary = getattr(self, "rotary_emb", None)
         saved = {} if rotary is None else {n: b for n, b in rotary._buffers.items()
                                            if b is not None and b.is_floating_point()}
