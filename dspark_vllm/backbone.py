@@ -79,8 +79,7 @@ class DSparkAttention(nn.Module):
         ``block_slots=True``: ctx_k/ctx_v are [N, n_kv, T + B, d] and their last B slots are
         scratch (past every row's context); the block's K/V are written there and attention reads
         the buffers as they are. Same attention as concatenating, without copying the context
-        K/V twice per layer (16 requests, 250 context tokens, one position each: 19.2 instead of
-        20.3 ms per draft on this CPU)."""
+        K/V twice per layer."""
         n, b, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(n, b, self.num_heads, self.head_dim)).transpose(1, 2)
         q = apply_rope(q, cos, sin)
@@ -94,8 +93,8 @@ class DSparkAttention(nn.Module):
             v = torch.cat([ctx_v.to(v_blk.dtype), v_blk], dim=2)
         # Grouped-query attention without copying K/V per query head: the `groups` query heads
         # that share a K/V head become `groups` x b queries of that head (every query's softmax
-        # is independent, so this is the same attention). Repeating K/V instead copied
-        # [N, heads, T, d] twice per layer: a quarter of a 16-request draft on the CPU.
+        # is independent, so this is the same attention). Repeating K/V instead would copy
+        # [N, heads, T, d] twice per layer, a cost that grows with the context.
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(n, self.num_kv_heads, groups * b, self.head_dim)
         if ctx_mask.dim() == 3:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import GEMMA4_ARCH, HEAD_TYPES, QWEN3_ARCH, DSparkConfig, DSparkConfigError
+from .drafter_config import GEMMA4_ARCH, HEAD_TYPES, QWEN3_ARCH, DSparkConfig, DSparkConfigError
 from .drafter import DSparkDrafter
 
 CONFIG_FILE = "config.json"
@@ -69,6 +69,11 @@ def validate_against_target(config: DSparkConfig, target: Any, block_size: int |
         )
     if config.num_target_layers is not None and config.num_target_layers != depth:
         raise _mismatch("num_target_layers", config.num_target_layers, depth, retrain)
+    validate_block_size(config, block_size)
+
+
+def validate_block_size(config: DSparkConfig, block_size: int | None) -> None:
+    """Raise CheckpointMismatchError when a requested block size is not the trained one."""
     if block_size is not None and int(block_size) != config.block_size:
         raise CheckpointMismatchError(
             f"num_speculative_tokens is {block_size} but the drafter was trained with block_size "

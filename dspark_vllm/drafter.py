@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .backbone import DSparkDecoderLayer, build_rotary, rotary_cos_sin
-from .config import DSparkConfig
-from .context_cache import ContextKVCache, ContextView
+from .drafter_config import DSparkConfig
+from .context_cache import INITIAL_CAPACITY, ContextKVCache, ContextView
 from .paged_context import PagedContextPool, PagedContextView
 from .heads import ConfidenceHead, build_markov_head
 from .sampling import SEED_LIMIT, DraftBlock, is_greedy, sample_block
@@ -98,9 +98,9 @@ class DSparkDrafter(nn.Module):
     def set_draft_vocab(self, token_ids: torch.Tensor | list[int] | None) -> None:
         """Draft only from ``token_ids`` (e.g. the K most frequent answer tokens); None = all.
 
-        Why: at small scale the drafter's cost is its LM head over B positions x V (for SmolLM2,
-        7 x 49,152 logits per request: more than the target's own step on CPU). Restricting the
-        softmax to K ids divides that cost by V/K. Verification is unchanged, so output stays
+        Why: at small scale the drafter's cost is its LM head over B positions x V logits per
+        request, which can exceed the target's own step. Restricting the softmax to K ids
+        divides that cost by V/K. Verification is unchanged, so output stays
         exactly the target's; a token outside the set just cannot be drafted (q puts no mass there).
         """
         if token_ids is None:
@@ -140,7 +140,12 @@ class DSparkDrafter(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.fc.weight.dtype
 
-    def new_cache(self, batch: int, capacity: int = 256) -> ContextKVCache:
+    @property
+    def context_width(self) -> int:
+        """Width m*H of the concatenated target features one context token takes."""
+        return self.fc.in_features
+
+    def new_cache(self, batch: int, capacity: int = INITIAL_CAPACITY) -> ContextKVCache:
         attn = self.layers[0].self_attn
         return ContextKVCache(len(self.layers), batch, attn.num_kv_heads, attn.head_dim,
                               self.device, self.dtype, capacity)
@@ -251,13 +256,20 @@ class DSparkDrafter(nn.Module):
             x = layer(x, cos, sin, view.keys[i][:, :, :end], view.values[i][:, :, :end], view.mask, in_place)
         return self.norm(x)
 
-    def base_logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the LM head reads from the backbone's output (here the output itself, already
+        normed; a drafter whose backbone returns pre-norm states normalises here)."""
+        return hidden
+
+    def base_logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None,
+                    head_rows: torch.Tensor | None = None) -> torch.Tensor:
         """U_k = lm_head(h_k) in fp32; Gemma4 soft-caps here, before the Markov bias is added.
-        ``vocab`` restricts the logits to those token ids (training on a vocabulary subset)."""
-        if vocab is None:
-            logits = self.lm_head(hidden).float()
-        else:
-            logits = (hidden @ self.lm_head.weight[vocab].t()).float()
+        ``vocab`` restricts the logits to those token ids (training on a vocabulary subset);
+        ``head_rows`` are those rows of the LM head already gathered (the draft vocabulary)."""
+        x = self.head_input(hidden)
+        if head_rows is None and vocab is not None:
+            head_rows = self.lm_head.weight[vocab]
+        logits = self.lm_head(x).float() if head_rows is None else (x @ head_rows.t()).float()
         return self._soft_cap(logits)
 
     def _soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
@@ -300,7 +312,7 @@ class DSparkDrafter(nn.Module):
             return sample_block(base, hidden, anchor, temperature, self.markov_head, self.confidence_head,
                                 self.config.confidence_head_with_markov, generator, greedy_all=all_greedy)
         ids, head_rows, w2_rows, w1_rows = self._draft_vocab_weights()
-        base = self._soft_cap((hidden @ head_rows.t()).float())
+        base = self.base_logits(hidden, head_rows=head_rows)
         if fused and self.can_fuse_sampling:
             block = self._propose_fused(base, hidden, anchor, temperature, generator, seeds, all_greedy,
                                         (ids, w2_rows, w1_rows))
@@ -335,7 +347,7 @@ class DSparkDrafter(nn.Module):
             base, w1, w2, prev0, temperature, seeds.to(self.device),
             hidden if conf is not None else None,
             conf.proj.weight.view(-1) if conf is not None else None,
-            conf.proj.bias if conf is not None else None, all_greedy=all_greedy)
+            conf.bias_or_zero() if conf is not None else None, all_greedy=all_greedy)
         probs = None
         if not all_greedy:
             probs = markov_draft_probs(base, w1, w2, prev0, tokens, temperature)

@@ -135,14 +135,19 @@ def build_markov_head(head_type: str | None, vocab_size: int, rank: int, hidden_
 
 class ConfidenceHead(nn.Module):
     """c_k = sigma(w . [h_k; W1[prev_k]] + b): estimated P(d_k accepted | prefix accepted).
+    (DeepSeek-V4's head has no b: ``bias=False``.)
 
     It never looks at d_k itself, only at what was known before d_k was sampled, which is what
     keeps causal prefix truncation lossless (paper Appendix A). Output logits are fp32.
     """
 
-    def __init__(self, input_dim: int) -> None:
+    def __init__(self, input_dim: int, bias: bool = True) -> None:
         super().__init__()
-        self.proj = nn.Linear(input_dim, 1)
+        self.proj = nn.Linear(input_dim, 1, bias=bias)
+
+    def bias_or_zero(self) -> torch.Tensor:
+        """b as a [1] tensor (zero for a head without bias), as the fused kernel takes it."""
+        return self.proj.bias if self.proj.bias is not None else self.proj.weight.new_zeros(1)
 
     def forward(self, hidden: torch.Tensor, prev_embedding: torch.Tensor | None) -> torch.Tensor:
         feats = hidden if prev_embedding is None else torch.cat([hidden, prev_embedding.to(hidden.dtype)], dim=-1)

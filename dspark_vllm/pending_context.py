@@ -27,9 +27,11 @@ class PendingContext:
     """Per request key, (features [n, m*H], slots [n], positions [n]) not yet in ``pool``."""
 
     VIEW_MAX_TOKENS = 64  # push_step: steps up to this size are queued as views, never copied
+    MAX_TOKENS = 512  # per request: a backlog this long is projected at once (big enough to batch well)
+    MAX_BYTES = 256 << 20  # over all requests: small next to any KV budget, far above a decode backlog
 
-    def __init__(self, drafter, pool: PagedContextPool, max_tokens: int = 512,
-                 max_bytes: int = 256 << 20) -> None:
+    def __init__(self, drafter, pool: PagedContextPool, max_tokens: int = MAX_TOKENS,
+                 max_bytes: int = MAX_BYTES) -> None:
         self.drafter = drafter
         self.pool = pool
         self.max_tokens = max_tokens

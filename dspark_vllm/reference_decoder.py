@@ -17,10 +17,10 @@ from typing import Callable
 
 import torch
 
-from .proposers import Proposer
+from .reference_proposers import Proposer
 from .sampling import DraftBlock
-from .stats import AcceptanceStats
-from .target import HFTarget
+from .acceptance_stats import AcceptanceStats
+from .hf_target import HFTarget
 from .verification import verify
 
 VerifyLengths = Callable[[DraftBlock], torch.Tensor]
@@ -33,9 +33,9 @@ class SamplingConfig:
     """Per-batch sampling settings (temperature 0 = greedy)."""
 
     max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float = 0.0   # for every request of the batch
+    top_k: int = 0             # 0: off
+    top_p: float = 1.0         # 1.0: off
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     seed: int = 0
 

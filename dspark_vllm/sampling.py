@@ -34,10 +34,6 @@ class DraftBlock:
     probs: torch.Tensor | None
     confidence_logits: torch.Tensor | None = None
 
-    @property
-    def confidence(self) -> torch.Tensor | None:
-        return None if self.confidence_logits is None else torch.sigmoid(self.confidence_logits)
-
 
 def is_greedy(temperature: torch.Tensor) -> torch.Tensor:
     return temperature < GREEDY_EPS

@@ -45,7 +45,7 @@ def run_demo(drafter: str | None = None, settings: str | None = None, max_tokens
     from .bench.serving import Server
     from .drafters import default_drafter_path
     from .settings import CONFIGS_DIR
-    from .targets import smollm2_path
+    from .pypi_models import smollm2_path
 
     target = str(smollm2_path())
     drafter_path = Path(drafter) if drafter else default_drafter_path()

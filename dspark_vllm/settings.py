@@ -1,7 +1,7 @@
 """Everything a serving engineer tunes, as one pydantic model loaded from YAML (``configs/``).
 
 Errors name the offending field and file, e.g.
-``configs/bad.yaml: scheduler.policy: Input should be 'fixed', 'threshold', ...``.
+``configs/bad.yaml: scheduler.policy: unknown policy 'fast'; expected one of 'fixed', ...``.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PolicyName = Literal["fixed", "threshold", "causal_greedy", "async_topk"]
+from .scheduler.policies import POLICIES
 
 
 class SettingsError(ValueError):
@@ -26,7 +26,7 @@ class _Strict(BaseModel):
 class SchedulerSettings(_Strict):
     """How many drafts each request gets verified per step."""
 
-    policy: PolicyName = "causal_greedy"
+    policy: str = Field("causal_greedy", description="a name in scheduler/policies.py POLICIES")
     threshold: float = Field(0.0, ge=0.0, le=1.0,
                              description="threshold policy: stop at the first position with c_k below this")
     cost_profile: Optional[str] = Field(None, description="JSON cost profile (step ms vs tokens); "
@@ -44,6 +44,13 @@ class SchedulerSettings(_Strict):
                                  "cost curve says deeper drafts cannot pay (false: always the full block)")
     learn_step_cost: bool = Field(True, description="causal_greedy/async_topk: scale the cost curve by the measured "
                                   "ratio of served engine step time to profiled forward time")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(map(repr, POLICIES))}")
+        return name
 
 
 class CalibrationSettings(_Strict):
@@ -83,7 +90,7 @@ def _format(exc: ValidationError, source: str) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        parts.append(f"{loc}: {err['msg']}")
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return f"{source}: invalid DSpark settings: " + "; ".join(parts)
 
 

@@ -67,21 +67,16 @@ def target_probs(logits: torch.Tensor, temperature: torch.Tensor,
 
 
 def verify(
-    draft_tokens: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    draft_lens: torch.Tensor,
-    target_logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor | None = None,
-    top_p: torch.Tensor | None = None,
+    draft_tokens: torch.Tensor,               # [N, B]
+    draft_probs: torch.Tensor | None,         # [N, B, V]; None: greedy drafts (one-hot q)
+    draft_lens: torch.Tensor,                 # [N] in 0..B
+    target_logits: torch.Tensor,              # [N, B+1, V]: row k scores the token after input k
+    temperature: torch.Tensor,                # [N]
+    top_k: torch.Tensor | None = None,        # [N]
+    top_p: torch.Tensor | None = None,        # [N]
     generator: torch.Generator | None = None,
 ) -> VerificationResult:
-    """Verify per-request draft prefixes against the target.
-
-    draft_tokens [N, B]; draft_probs [N, B, V] or None (greedy drafts = one-hot q);
-    draft_lens [N] in 0..B; target_logits [N, B+1, V] where row k scores the token after
-    input k of [anchor, d_0, ..., d_{B-1}]; temperature/top_k/top_p [N].
-    """
+    """Verify per-request draft prefixes against the target (inputs [anchor, d_0, ..., d_{B-1}])."""
     n, block = draft_tokens.shape
     device = draft_tokens.device
     draft_lens = draft_lens.to(device).long()

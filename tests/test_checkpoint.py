@@ -14,7 +14,7 @@ from dspark_vllm.checkpoint import (
     save_checkpoint,
     validate_against_target,
 )
-from dspark_vllm.config import DSparkConfig, DSparkConfigError
+from dspark_vllm.drafter_config import DSparkConfig, DSparkConfigError
 from conftest import make_tiny_qwen3
 
 

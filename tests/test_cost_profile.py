@@ -18,10 +18,19 @@ def test_step_function_monotone_and_extrapolation(tmp_path):
     assert np.array_equal(again.step_time_ms(np.arange(1, 64)), prof.step_time_ms(np.arange(1, 64)))
 
 
-def test_draft_table_adds_cost():
-    prof = CostProfile(tokens=[4], step_ms=[10.0], draft_requests=[1, 4], draft_ms=[2.0, 3.0])
-    assert prof.sps(4, num_requests=1) == pytest.approx(1000 / 12)
-    assert prof.sps(4, num_requests=3) == pytest.approx(1000 / 13)
+def test_profiles_with_the_retired_empty_draft_table_still_load(tmp_path):
+    (tmp_path / "old.json").write_text('{"tokens": [4], "step_ms": [10.0], "draft_requests": [], "draft_ms": []}')
+    assert CostProfile.load(tmp_path / "old.json").sps(4) == pytest.approx(100.0)
+    (tmp_path / "filled.json").write_text('{"tokens": [4], "step_ms": [10.0], "draft_requests": [1], "draft_ms": [2]}')
+    with pytest.raises(ValueError, match="unknown keys"):
+        CostProfile.load(tmp_path / "filled.json")
+
+
+def test_profile_grid_is_shared_and_bounded():
+    from dspark_vllm.scheduler import profile_grid
+
+    assert profile_grid(16) == [1, 2, 4, 8, 12, 16]
+    assert profile_grid(512)[-1] == 512 and profile_grid(10_000)[-1] == 1024
 
 
 def test_bad_profiles_are_named(tmp_path):

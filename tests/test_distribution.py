@@ -12,9 +12,9 @@ import torch
 
 import dspark_vllm.reference_decoder as rd
 from dspark_vllm.checkpoint import build_random_drafter
-from dspark_vllm.proposers import DSparkProposer
+from dspark_vllm.reference_proposers import DSparkProposer
 from dspark_vllm.reference_decoder import ReferenceDecoder, SamplingConfig
-from dspark_vllm.target import HFTarget
+from dspark_vllm.hf_target import HFTarget
 from dspark_vllm.verification import target_probs, verify
 from conftest import make_tiny_qwen3
 from stats_util import chi_square_pvalue

@@ -79,8 +79,8 @@ def test_gate_charges_the_context_each_drafted_step_ingests():
         return gate
 
     blind, charged = gate_for(0.0), gate_for(0.25)
-    assert blind.gain(16) > blind.min_gain and blind.should_draft(16)
-    assert charged.gain(16) < charged.min_gain and not charged.should_draft(16)
+    assert blind.gain(16) > blind.min_gain and (blind.plan(16).requests > 0)
+    assert charged.gain(16) < charged.min_gain and not (charged.plan(16).requests > 0)
     tau = 16 + 16 * 0.85  # one position each, all admitted
     assert charged.gains(16)[0] == pytest.approx(tau / ((116.0 + 3.4 * 16) + 28.0 + 0.25 * tau) / (16 / 116.0))
     assert charged.gain(1) > charged.min_gain  # one request: ingesting ~2 tokens is noise
@@ -88,9 +88,9 @@ def test_gate_charges_the_context_each_drafted_step_ingests():
 
 def test_gate_drafts_when_verification_is_nearly_free():
     gate = DraftGate(flat_then_linear(), block_size=4)
-    assert gate.should_draft(1)  # no confidences seen yet: draft to learn them
+    assert (gate.plan(1).requests > 0)  # no confidences seen yet: draft to learn them
     gate.observe(np.full((2, 4), 0.8), draft_ms=4.0)  # 2 requests in 4 ms: 2 ms for one
-    assert gate.should_draft(1)
+    assert (gate.plan(1).requests > 0)
     # expected best: 1 + 0.8 + 0.64 + 0.512 + 0.41 tokens for ~40 + 2 ms
     assert gate.gain(1) == pytest.approx((1 + 0.8 + 0.64 + 0.512 + 0.4096) / 42.0 * 40.0, rel=1e-6)
 
@@ -102,10 +102,10 @@ def test_gate_closes_under_load_and_for_poor_drafts():
     # the draft time plus the marginal token cost when the step is already compute bound
     for _ in range(20):
         gate.timer.observe(64, 64 * 2.0)
-    assert not any(gate.should_draft(64) for _ in range(gate.probe_every))
+    assert not any((gate.plan(64).requests > 0) for _ in range(gate.probe_every))
     poor = DraftGate(flat_then_linear(), block_size=4)
     poor.observe(np.full((1, 4), 0.01), draft_ms=10.0)
-    assert not poor.should_draft(1)
+    assert not (poor.plan(1).requests > 0)
     assert poor.gain(1) < 1.0
 
 
@@ -113,23 +113,23 @@ def test_closed_gate_probes_and_reopens_when_the_estimate_improves():
     gate = DraftGate(flat_then_linear(), block_size=4, probe_every=3, max_probe_every=12)
     gate.observe(np.full((1, 4), 0.01), draft_ms=10.0)  # an unlucky first block closes the gate
     # probes after 3 skipped steps, then 6, 12, 12: each probe that changes nothing backs off
-    decisions = [gate.num_to_draft(5) for _ in range(3 + 1 + 6 + 1 + 12 + 1 + 12 + 1)]
+    decisions = [gate.plan(5).requests for _ in range(3 + 1 + 6 + 1 + 12 + 1 + 12 + 1)]
     assert [i for i, n in enumerate(decisions) if n] == [3, 10, 23, 36]
     assert set(decisions) == {0, 1}  # a probe drafts one request
     for _ in range(40):  # the probes see good blocks drafted quickly
         gate.observe(np.full((1, 4), 0.9), draft_ms=1.0)
-    assert all(gate.should_draft(1) for _ in range(5))
+    assert all((gate.plan(1).requests > 0) for _ in range(5))
     assert gate.probe_wait == 3  # an open gate resets the back-off
 
 
 def test_gate_counts_other_work_in_the_step():
     gate = DraftGate(flat_then_linear(flat=16), block_size=4)
     gate.observe(np.full((1, 4), 0.7), draft_ms=1.0)
-    assert gate.should_draft(2)
-    assert not gate.should_draft(2, StepLoad(base_tokens=100, max_num_tokens=102))  # no room for drafts
+    assert (gate.plan(2).requests > 0)
+    assert not (gate.plan(2, StepLoad(base_tokens=100, max_num_tokens=102)).requests > 0)  # no room for drafts
     cliff = DraftGate(CostProfile(tokens=[1, 8, 9], step_ms=[40.0, 40.0, 400.0]), block_size=4)
     cliff.observe(np.full((1, 4), 0.9), draft_ms=1.0)
-    assert cliff.should_draft(2) and not cliff.should_draft(2, StepLoad(base_tokens=6))
+    assert (cliff.plan(2).requests > 0) and not (cliff.plan(2, StepLoad(base_tokens=6)).requests > 0)
 
 
 @pytest.mark.parametrize("policy,gated", [("causal_greedy", True), ("async_topk", True), ("fixed", False),
@@ -139,7 +139,7 @@ def test_scheduler_builds_the_gate_for_cost_aware_policies(policy, gated):
     sched = VerifyLengthScheduler.from_settings(settings_from_dict({"scheduler": chosen}), block_size=4)
     assert (sched.gate is not None) == gated
     off = VerifyLengthScheduler.from_settings(settings_from_dict({"scheduler": {**chosen, "draft_gate": False}}), 4)
-    assert off.gate is None and off.should_draft(1000)
+    assert off.gate is None and (off.plan(1000).requests > 0)
 
 
 def test_prior_is_the_plain_mean_of_the_first_blocks():
@@ -324,8 +324,8 @@ def test_gate_needs_the_margin_to_open():
     below, above = (DraftGate(flat_then_linear(), block_size=4, min_gain=m) for m in (g - 0.01, g + 0.01))
     for gate_ in (below, above):
         gate_.observe(np.full((1, 4), 0.7), draft_ms=5.0)
-    assert below.num_to_draft(4) == 4
-    assert above.num_to_draft(4) == 0  # predicted gain g is inside the margin: plain decoding
+    assert below.plan(4).requests == 4
+    assert above.plan(4).requests == 0  # predicted gain g is inside the margin: plain decoding
     chosen = settings_from_dict({"scheduler": {"policy": "causal_greedy", "gate_min_gain": 1.2}})
     assert VerifyLengthScheduler.from_settings(chosen, 4).gate.min_gain == 1.2
 

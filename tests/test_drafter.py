@@ -120,7 +120,8 @@ def test_propose_shapes(tiny_qwen3, head_type):
     d.add_context(cache, _features(3, 6, 128), torch.tensor([6, 2, 4]))
     block = d.propose(torch.tensor([1, 2, 3]), cache, torch.tensor([0.0, 1.0, 0.5]), torch.Generator().manual_seed(0))
     assert block.tokens.shape == (3, 4) and block.probs.shape == (3, 4, 128)
-    assert block.confidence.shape == (3, 4) and ((block.confidence > 0) & (block.confidence < 1)).all()
+    conf = torch.sigmoid(block.confidence_logits)
+    assert conf.shape == (3, 4) and ((conf > 0) & (conf < 1)).all()
     torch.testing.assert_close(block.probs.sum(-1), torch.ones(3, 4))
 
 

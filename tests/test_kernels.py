@@ -99,9 +99,9 @@ def test_noise_is_a_pure_function_of_seed_and_position():
 
 def test_fused_drafter_path_keeps_greedy_output(tiny_qwen3):
     from dspark_vllm.checkpoint import build_random_drafter
-    from dspark_vllm.proposers import DSparkProposer
+    from dspark_vllm.reference_proposers import DSparkProposer
     from dspark_vllm.reference_decoder import ReferenceDecoder, SamplingConfig
-    from dspark_vllm.target import HFTarget
+    from dspark_vllm.hf_target import HFTarget
 
     drafter = build_random_drafter(tiny_qwen3, num_layers=1, block_size=4, markov_rank=8)
     prompts = [[1, 2, 3, 4], [9, 8, 7]]

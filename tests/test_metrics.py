@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from dspark_vllm.vllm_plugin.metrics import DSparkCollector, DSparkStats, merge_snapshots
+from dspark_vllm.vllm_plugin.metrics import DSparkCollector, ProposerMetrics, merge_snapshots
 
 
 def test_outcomes_count_reached_and_accepted_positions(tmp_path, monkeypatch):
     monkeypatch.setenv("DSPARK_VLLM_METRICS_DIR", str(tmp_path))
-    stats = DSparkStats(block_size=4, flush_interval_s=0.0)
+    stats = ProposerMetrics(block_size=4, flush_interval_s=0.0)
     stats.record_step(drafted=8, admitted=[3, 2])
     stats.record_outcome([0.9, 0.8, 0.7], num_accepted=1)  # position 0 accepted, 1 rejected, 2 not reached
     stats.record_outcome([0.6, 0.5], num_accepted=2)      # both verified drafts accepted
@@ -39,7 +39,7 @@ def test_outcomes_count_reached_and_accepted_positions(tmp_path, monkeypatch):
 
 def test_flush_is_throttled_and_never_raises(tmp_path, monkeypatch):
     monkeypatch.setenv("DSPARK_VLLM_METRICS_DIR", str(tmp_path / "missing-folder"))
-    stats = DSparkStats(block_size=2, flush_interval_s=3600)
+    stats = ProposerMetrics(block_size=2, flush_interval_s=3600)
     stats.maybe_flush()  # folder does not exist: swallowed
     stats.maybe_flush(force=True)
     assert merge_snapshots(tmp_path / "missing-folder") is None

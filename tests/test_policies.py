@@ -136,14 +136,14 @@ def test_causal_greedy_is_optimal_when_theta_is_unimodal(conf, cost_idx):
     peak = int(np.argmax(path))
     unimodal = np.all(np.diff(path[: peak + 1]) > 0) and np.all(np.diff(path[peak:]) <= 0)
     lens = CausalGreedyPolicy(cost, smooth=False).lengths(conf)
-    theta = expected_tokens(conf, lens) * cost.sps(r + lens.sum(), r)
+    theta = expected_tokens(conf, lens) * cost.sps(r + lens.sum())
     if unimodal:
         assert theta == pytest.approx(path.max(), rel=1e-9)
     assert theta <= path.max() + 1e-9
     # The greedy path covers the optimum over *all* prefix allocations (brute force, small R, B).
     if r <= 4 and b <= 3:
         grids = np.array(np.meshgrid(*[np.arange(b + 1)] * r, indexing="ij")).reshape(r, -1).T
-        best = max(expected_tokens(conf, g) * cost.sps(r + g.sum(), r) for g in grids)
+        best = max(expected_tokens(conf, g) * cost.sps(r + g.sum()) for g in grids)
         assert path.max() == pytest.approx(best, rel=1e-9)
 
 
@@ -186,6 +186,33 @@ def test_shallow_drafts_extend_to_the_block_for_stale_budgets():
     assert extend_to_block(conf, 2) is conf
     sched = VerifyLengthScheduler.from_settings(settings_from_dict({"scheduler": {"policy": "async_topk"}}), 4)
     for _ in range(3):  # shallow blocks go into the two-step-old history at full width
-        lens = sched.lengths_from_confidences(conf, ["a", "b"])
+        lens = sched.lengths(conf, ["a", "b"])
         assert (np.asarray(lens) <= 2).all()
-    assert sched.stale.stale(["a"]).shape == (1, 4)
+    assert sched.policy.history.stale(["a"]).shape == (1, 4)
+    sched.forget(["a"])
+    assert sched.policy.history.stale(["a"]).tolist() == [[1.0] * 4]
+
+
+def test_a_registered_policy_is_selectable_by_name():
+    """Adding a policy is one class: settings, the scheduler and start-up checks read the registry."""
+    from dspark_vllm.scheduler import POLICIES, VerifyLengthScheduler, VerifyPolicy, register_policy
+    from dspark_vllm.settings import SettingsError, settings_from_dict
+
+    with pytest.raises(SettingsError, match="unknown policy 'first_only'"):
+        settings_from_dict({"scheduler": {"policy": "first_only"}})
+
+    class FirstOnly(VerifyPolicy):
+        name = "first_only"
+
+        def lengths(self, confidence, max_lens=None, load=None):
+            return np.minimum(1, np.full(confidence.shape[0], confidence.shape[1]))
+
+    register_policy(FirstOnly)
+    try:
+        sched = VerifyLengthScheduler.from_settings(settings_from_dict({"scheduler": {"policy": "first_only"}}), 4)
+        assert sched.lengths(np.full((3, 4), 0.9), ["a", "b", "c"]).tolist() == [1, 1, 1]
+        assert not sched.measures_draft_time  # not load-aware: no gate
+        with pytest.raises(ValueError, match="needs the drafter's confidence head"):
+            sched.check_drafter(False)
+    finally:
+        POLICIES.pop("first_only")

@@ -5,9 +5,9 @@ import torch
 
 from dspark_vllm.checkpoint import build_random_drafter
 from dspark_vllm.prompts import encode_chat
-from dspark_vllm.proposers import DSparkProposer, OracleProposer
+from dspark_vllm.reference_proposers import DSparkProposer, OracleProposer
 from dspark_vllm.reference_decoder import ReferenceDecoder, SamplingConfig
-from dspark_vllm.target import HFTarget
+from dspark_vllm.hf_target import HFTarget
 
 TINY_PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [11, 12, 13, 14, 15, 16, 17, 18]]
 
@@ -67,7 +67,7 @@ def test_variable_lengths_per_request(tiny_qwen3):
     lengths = lambda draft: torch.tensor([0, 2, 4])  # noqa: E731
     out, stats = run(tiny_qwen3, OracleProposer(seqs, 4, 128), TINY_PROMPTS, 20, lengths=lengths)
     assert out == expected
-    assert stats.verified_gt[0] > 0 and stats.verified_gt[2] < stats.verified_gt[0]
+    assert stats.positions.verified[0] > 0 and stats.positions.verified[2] < stats.positions.verified[0]
 
 
 def test_stop_token_ends_request(tiny_qwen3):

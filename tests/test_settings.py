@@ -28,7 +28,7 @@ def test_default_and_family_configs_exist():
 def test_bad_policy_names_field(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("scheduler:\n  policy: fastest\n")
-    with pytest.raises(SettingsError, match=r"bad.yaml: invalid DSpark settings: scheduler.policy: Input should be"):
+    with pytest.raises(SettingsError, match=r"bad.yaml: invalid DSpark settings: scheduler.policy: unknown policy"):
         load_settings(f)
 
 
@@ -68,5 +68,5 @@ def test_relative_paths_resolve_against_file(tmp_path):
 
 def test_policy_without_confidence_head_is_explained():
     sched = VerifyLengthScheduler.from_settings(settings_from_dict({}), block_size=4)
-    with pytest.raises(ValueError, match="needs confidences.*policy: fixed"):
+    with pytest.raises(ValueError, match="needs the drafter.s confidence head.*policy: fixed"):
         sched(DraftBlock(tokens=torch.zeros(1, 4, dtype=torch.long), probs=None))

@@ -20,9 +20,9 @@ def test_shipped_drafter_is_small_and_found():
 
 def test_shipped_drafter_accelerates_acceptance_on_held_out_prompts(smollm2):
     from dspark_vllm.prompts import encode_chat
-    from dspark_vllm.proposers import DSparkProposer
+    from dspark_vllm.reference_proposers import DSparkProposer
     from dspark_vllm.reference_decoder import ReferenceDecoder, SamplingConfig
-    from dspark_vllm.target import HFTarget
+    from dspark_vllm.hf_target import HFTarget
 
     model, tok = smollm2
     drafter = load_checkpoint(SMOLLM2_DRAFTER, target=model, dtype=torch.float32)

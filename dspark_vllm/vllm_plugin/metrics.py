@@ -2,16 +2,14 @@
 
 The proposer runs in the engine-core/worker process while ``/metrics`` is served by the API
 server process, so the numbers cross the process boundary through small JSON snapshots:
-the worker side (:class:`DSparkStats`) rewrites ``$DSPARK_VLLM_METRICS_DIR/<pid>.json`` at most
-every ``flush_interval_s``; the API-server side (:class:`DSparkCollector`, registered in
+the worker side (:class:`ProposerMetrics`) rewrites ``$DSPARK_VLLM_METRICS_DIR/<pid>.json`` at
+most every ``flush_interval_s``; the API-server side (:class:`DSparkCollector`, registered in
 prometheus_client's default registry by the plugin's ``register()``) sums every snapshot in that
 folder at scrape time. ``register()`` creates the folder before vLLM starts the engine process,
 which inherits the variable. The folder lives in RAM (``/dev/shm``) where there is one: the
-worker rewrites its snapshot with a rename on the step's critical path, and on a disk-backed
-``/tmp`` (ext4 flushes a file renamed over another) that rename took 7.6 ms on average in a
-served 16-client run here, ~3 ms per step once spread over the steps between snapshots; on
-tmpfs it costs ~0.4 ms per snapshot. (With several API servers vLLM switches prometheus_client to
-multiprocess mode and these metrics are not exported.)
+worker rewrites its snapshot with a rename on the step's critical path, and a rename over a file
+on a disk-backed ``/tmp`` can wait for the filesystem to flush it. (With several API servers
+vLLM switches prometheus_client to multiprocess mode and these metrics are not exported.)
 
 Exported series (position k = 0-based draft index):
 
@@ -40,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..acceptance_stats import PositionCounts
+
 ENV_METRICS_DIR = "DSPARK_VLLM_METRICS_DIR"
 ENV_FLUSH_S = "DSPARK_VLLM_METRICS_FLUSH_S"  # snapshot interval, default 0.5 s
 RAM_DIR = Path("/dev/shm")
@@ -52,8 +52,8 @@ def snapshot_parent(ram_dir: Path = RAM_DIR) -> str | None:
     return str(ram_dir) if ram_dir.is_dir() and os.access(ram_dir, os.W_OK | os.X_OK) else None
 
 
-class DSparkStats:
-    """Worker-side counters; cheap to update every step."""
+class ProposerMetrics:
+    """Worker-side counters of the vLLM proposer; cheap to update every step."""
 
     def __init__(self, block_size: int, flush_interval_s: float | None = None) -> None:
         self.block_size = block_size
@@ -63,8 +63,7 @@ class DSparkStats:
         self.verify_premium = 1.0
         self.drafted = 0
         self.admitted = 0
-        self.reached = [0] * block_size
-        self.accepted = [0] * block_size
+        self.positions = PositionCounts(block_size)
         self.confidence_sum = [0.0] * block_size
         self.context_pool_bytes = 0
         self.flush_interval_s = (float(os.environ.get(ENV_FLUSH_S, 0.5)) if flush_interval_s is None
@@ -72,6 +71,14 @@ class DSparkStats:
         self._last_flush = 0.0
         folder = os.environ.get(ENV_METRICS_DIR)
         self.path = Path(folder) / f"{os.getpid()}.json" if folder else None
+
+    @property
+    def reached(self) -> list[int]:
+        return self.positions.reached
+
+    @property
+    def accepted(self) -> list[int]:
+        return self.positions.accepted
 
     def record_step(self, drafted: int, admitted: list[int]) -> None:
         self.steps += 1
@@ -81,15 +88,17 @@ class DSparkStats:
     def record_gated(self) -> None:
         self.gated += 1
 
+    def record_learned(self, cost_scale: float | None, verify_premium: float | None) -> None:
+        """The scheduler's learned step-cost factors (1.0 while unknown)."""
+        self.cost_scale = 1.0 if cost_scale is None else cost_scale
+        self.verify_premium = 1.0 if verify_premium is None else verify_premium
+
     def record_outcome(self, confidences: list[float], num_accepted: int) -> None:
         """One request's verified drafts (one confidence each): positions 0..num_accepted-1
         accepted, and position num_accepted reached but rejected when some draft was."""
-        reached = min(num_accepted + 1, len(confidences))
-        for k in range(reached):
-            self.reached[k] += 1
+        self.positions.record(len(confidences), num_accepted)
+        for k in range(min(num_accepted + 1, len(confidences), self.block_size)):
             self.confidence_sum[k] += float(confidences[k])
-            if k < num_accepted:
-                self.accepted[k] += 1
 
     def snapshot(self) -> dict:
         return {"block_size": self.block_size, "steps": self.steps, "gated": self.gated, "drafted": self.drafted,

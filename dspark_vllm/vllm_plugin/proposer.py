@@ -1,10 +1,11 @@
-"""DSpark proposer for vLLM's V1 model runner.
+"""DSpark proposer for vLLM's V1 model runner: plain step in, drafts out.
 
-vLLM builds it through its ``custom_class`` hook (our config wrapper routes ``method: dspark``
-there) and, thanks to the runner wrapper, calls :meth:`propose_step` each step with the target's
-aux hidden states. The drafter's context K/V live in a :class:`PagedContextPool` whose slots
-mirror the target's KV slots (``paged_context.py``), sized when vLLM sizes its KV cache and
-taken out of the same memory budget (``patches.py``). Per step:
+vLLM builds it through its ``custom_class`` hook (``startup.py`` routes ``method: dspark``
+there); the runner patches (``patches.py``) call :meth:`DSparkV1Proposer.propose_step` after each
+target step with a :class:`~.runner_io.StepInput` and hand its :class:`~.runner_io.StepDrafts`
+back to vLLM. The drafter's context K/V live in a :class:`PagedContextPool` whose slots mirror
+the target's KV slots (``paged_context.py``), sized when vLLM sizes its KV cache and taken out of
+the same memory budget. Per step:
 
 1. queue the features of this step's *valid* tokens with their target slots: every scheduled
    prompt token, or for a decode step the anchor plus the drafts that were accepted
@@ -12,20 +13,16 @@ taken out of the same memory budget (``patches.py``). Per step:
    (``pending_context.py``: gated steps under load then cost almost nothing), when its request
    leaves the batch while prefix caching is on (its blocks may be hit later), or when a new
    request arrives with a prefix-cache hit (it reads blocks other requests wrote);
-2. unless the draft gate says no verify length could pay this step (cost-aware policies: past
-   confidences, cost curve, measured draft time; see ``scheduler/draft_gate.py``), draft a
-   block from [last sampled token, MASK...] (from the checkpoint's draft vocabulary if any),
-   as deep as the gate found worth verifying, over each request's whole context, cached
-   prefix included;
-3. trim each request's block with the configured policy (confidence + step load) and return
-   the per-request token lists; vLLM's rejection sampler verifies them. With
+2. ask the scheduler's plan (``scheduler/runtime.py``) which requests draft and how deep: the
+   draft gate of cost-aware policies skips steps where no verify length could pay;
+3. draft a block from [last sampled token, MASK...] over each drafting request's whole context,
+   cached prefix included, and trim it with the configured policy under the step's load. With
    ``draft_sampling: probabilistic`` (default) each request's drafts are sampled at its own
    temperature and their q goes to vLLM with the drafts; with ``greedy`` (or at temperature 0)
    q is one-hot. Either way vLLM's verification keeps the target distribution.
 
 Host syncs per step do not depend on the batch size: a drafted step copies the draft tokens and
-the confidence logits to the host (two waits); a gated step waits for nothing. Everything else
-the step needs on the host comes from vLLM's host arrays (see ``runner_io.py``).
+the confidence logits to the host (two waits); a gated step waits for nothing.
 
 Positions are absolute (pool slot <-> token position). A request whose positions jump past
 what it had (steps the runner did not show us) or back (recomputed) keeps drafting, from the
@@ -44,16 +41,15 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint
+from ..oracle import OracleDrafts
 from ..paged_context import PagedContextPool, PagedContextView, to_device
 from ..pending_context import PendingContext
 from ..sampling import GREEDY_EPS, SEED_LIMIT
-from ..scheduler import CostProfile, StepLoad, VerifyLengthScheduler
-from ..settings import load_settings
+from ..scheduler import CostProfile, DraftPlan, StepLoad, VerifyLengthScheduler
 from . import LOGGER_NAME
-from .metrics import DSparkStats
-from .patches import ENV_CHECKPOINT, ENV_CONFIG
-from .runner_io import KVLayout, StepInput, kv_layout, read_step, token_history, write_draft_probs
-from .startup_profile import ENV_COST_PROFILE
+from .metrics import ProposerMetrics
+from .runner_io import KVLayout, StepDrafts, StepInput, kv_layout
+from .startup import WorkerSettings
 from .step_trace import StepTrace
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -66,39 +62,16 @@ SHALLOW_TIMING_DEPTHS = (1, 2)  # depths also timed at the largest of those size
 INGEST_TIMING_TOKENS = (1, 4)  # context tokens per request timed once at that size to seed the ingestion fit
 
 
-class OracleHook:
-    """Test hook: replace drafts with a known continuation (e.g. the target's greedy output).
-
-    ``DSPARK_VLLM_ORACLE`` names a JSON file {"sequences": [[token, ...], ...]} of full token
-    sequences (prompt + continuation); a request whose history is a prefix of one of them gets
-    the next B tokens as drafts. ``DSPARK_VLLM_ORACLE_CORRUPT=k`` changes draft k of every block,
-    so acceptance must stop exactly there. The drafter still runs; only its tokens are replaced.
-    """
-
-    def __init__(self, path: str, corrupt: int | None) -> None:
-        import json
-
-        self.sequences = [list(map(int, s)) for s in json.loads(open(path).read())["sequences"]]
-        self.corrupt = corrupt
-
-    @classmethod
-    def from_env(cls) -> "OracleHook | None":
-        path = os.environ.get(ENV_ORACLE)
-        if not path:
-            return None
-        corrupt = os.environ.get(ENV_ORACLE_CORRUPT)
-        return cls(path, int(corrupt) if corrupt not in (None, "") else None)
-
-    def drafts(self, history: list[int], block: int, vocab: int) -> list[int] | None:
-        n = len(history)
-        for seq in self.sequences:
-            if len(seq) > n and seq[:n] == history:
-                out = seq[n: n + block]
-                out = out + [0] * (block - len(out))
-                if self.corrupt is not None:
-                    out[self.corrupt] = (out[self.corrupt] + 1) % vocab
-                return out
+def oracle_from_env(block_size: int, vocab_size: int) -> OracleDrafts | None:
+    """Test hook: ``DSPARK_VLLM_ORACLE`` names a JSON file of full token sequences (prompt +
+    continuation); a request whose history is a prefix of one gets the next B tokens as drafts,
+    draft ``DSPARK_VLLM_ORACLE_CORRUPT`` changed. The drafter still runs; only its tokens are
+    replaced, and the gate is bypassed (every request drafts the full block)."""
+    path = os.environ.get(ENV_ORACLE)
+    if not path:
         return None
+    corrupt = os.environ.get(ENV_ORACLE_CORRUPT)
+    return OracleDrafts.from_json(path, block_size, vocab_size, int(corrupt) if corrupt not in (None, "") else None)
 
 
 def target_embedding_weights(target_model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,19 +97,16 @@ class DSparkV1Proposer:
     """Owns the drafter, its paged context pool, and the verify-length scheduler."""
 
     def __init__(self, vllm_config) -> None:
-        checkpoint = os.environ.get(ENV_CHECKPOINT)
-        if not checkpoint:
-            raise RuntimeError(f"{ENV_CHECKPOINT} is not set: DSparkV1Proposer is created by the dspark "
-                               "plugin from a speculative config with method 'dspark'")
+        worker = WorkerSettings.from_env()
         self.vllm_config = vllm_config
-        self.settings = load_settings(os.environ[ENV_CONFIG])
+        self.settings = worker.dspark_settings()
         dtype = vllm_config.model_config.dtype
-        self.drafter = load_checkpoint(checkpoint, dtype=dtype if isinstance(dtype, torch.dtype) else None,
+        self.drafter = load_checkpoint(worker.checkpoint, dtype=dtype if isinstance(dtype, torch.dtype) else None,
                                        draft_vocab_size=self.settings.draft_vocab_size)
         self.block_size = self.drafter.block_size
-        profiled = os.environ.get(ENV_COST_PROFILE)  # set by profile_at_startup
-        cost = CostProfile.load(profiled) if profiled else None
-        self.scheduler = VerifyLengthScheduler.from_settings(self.settings, self.block_size, checkpoint, cost=cost)
+        cost = CostProfile.load(worker.cost_profile) if worker.cost_profile else None
+        self.scheduler = VerifyLengthScheduler.from_settings(self.settings, self.block_size, worker.checkpoint,
+                                                             cost=cost)
         self.max_num_tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
         cache_config = getattr(vllm_config, "cache_config", None)
         # Blocks of a finished request can be hit by a later one only with prefix caching on.
@@ -146,9 +116,9 @@ class DSparkV1Proposer:
         self.context: PendingContext | None = None
         self.requests: dict[str, _RequestState] = {}
         self._keys = itertools.count()
-        self.oracle = OracleHook.from_env()
+        self.oracle = oracle_from_env(self.block_size, self.drafter.config.vocab_size)
         self.scheduler.check_drafter(self.drafter.confidence_head is not None)
-        self.stats = DSparkStats(self.block_size)
+        self.metrics = ProposerMetrics(self.block_size)
         self.seed_gen = torch.Generator().manual_seed(0)
         # per request: calibrated confidences of the drafts handed to vLLM last step
         self.pending: dict[str, list[float]] = {}
@@ -158,7 +128,7 @@ class DSparkV1Proposer:
         self.trace = StepTrace.from_env()  # DSPARK_VLLM_STEP_TRACE: one JSON line per step
         self._last_step: tuple[float | None, int] = (None, 0)  # (ms, verified drafts) of the step that just ended
         self._ingest_ms: float | None = None  # context flushed during the current call (tracing)
-        logger.info("DSpark proposer: %s, block %d, policy %s", checkpoint, self.block_size,
+        logger.info("DSpark proposer: %s, block %d, policy %s", worker.checkpoint, self.block_size,
                     self.settings.scheduler.policy)
 
     # ---- vLLM hooks ------------------------------------------------------------------------
@@ -176,10 +146,18 @@ class DSparkV1Proposer:
         self.context = PendingContext(self.drafter, self.pool)
         self.requests.clear()
         self.pending.clear()
-        self.stats.context_pool_bytes = self.pool.nbytes
+        self.metrics.context_pool_bytes = self.pool.nbytes
         logger.info("DSpark draft context pool: %d token slots x %d B = %.1f MiB, mirroring KV cache group %d "
                     "(vLLM's own KV cache: %.1f MiB)", self.layout.num_slots, self.context_bytes_per_token(),
                     self.pool.nbytes / 2**20, self.layout.group, self.layout.target_bytes / 2**20)
+
+    @property
+    def kv_group(self) -> int:
+        """The KV-cache group whose block table addresses the pool (see ``runner_io.kv_layout``)."""
+        if self.layout is None:
+            raise RuntimeError("DSpark's draft context pool is not allocated: the runner's initialize_kv_cache "
+                               "was not wrapped (was the dspark plugin registered in this process?)")
+        return self.layout.group
 
     def aux_layer_ids(self) -> tuple[int, ...]:
         """vLLM aux-layer indices: DeepSpec id t is the output of layer t = vLLM index t + 1."""
@@ -200,7 +178,7 @@ class DSparkV1Proposer:
 
     # ---- per step --------------------------------------------------------------------------
     @torch.no_grad()
-    def propose_step(self, runner, scheduler_output, sampled_token_ids, aux_hidden_states) -> list[list[int]]:
+    def propose_step(self, step: StepInput) -> StepDrafts:
         """Draft for every request in the batch (called by the plugin after each target step).
 
         The time since the previous call is one engine step without our drafting; it goes to the
@@ -208,22 +186,23 @@ class DSparkV1Proposer:
         if self.pool is None:
             raise RuntimeError("DSpark's draft context pool is not allocated: the runner's initialize_kv_cache "
                                "was not wrapped (was the dspark plugin registered in this process?)")
-        self._last_step = (None, self._handed_out)
-        if self._step_end is not None:  # that step verified the drafts handed out last call
-            step_ms = (time.perf_counter() - self._step_end) * 1000.0
-            self._last_step = (step_ms, self._handed_out)
-            self.scheduler.observe_step(int(scheduler_output.total_num_scheduled_tokens), step_ms, self._handed_out)
-            if self.scheduler.step_cost is not None:  # observe_step just wrote it; no second median
-                self.stats.cost_scale = self.scheduler.step_cost.cost.scale
-                self.stats.verify_premium = self.scheduler.step_cost.cost.verify_premium or 1.0
-        self._handed_out = 0
-        self._ingest_ms = None  # context flushed during this call (tracing)
-        write_draft_probs(runner, None, None)
+        self._observe_last_step(step.total_tokens)
+        self._ingest_ms = None
         try:
-            step = read_step(runner, scheduler_output, sampled_token_ids, aux_hidden_states, self.layout.group)
-            return self._propose_step(runner, step)
+            return self._propose(step)
         finally:
             self._step_end = time.perf_counter()
+
+    def _observe_last_step(self, num_tokens: int) -> None:
+        """The engine step that just ended verified the drafts handed out by the last call."""
+        self._last_step = (None, self._handed_out)
+        if self._step_end is not None:
+            step_ms = (time.perf_counter() - self._step_end) * 1000.0
+            self._last_step = (step_ms, self._handed_out)
+            self.scheduler.observe_step(num_tokens, step_ms, self._handed_out)
+            learned = self.scheduler.snapshot()
+            self.metrics.record_learned(learned.cost_scale, learned.verify_premium)
+        self._handed_out = 0
 
     def _release_departed(self, step: StepInput) -> None:
         """Forget requests that left the batch (finished, aborted, preempted). vLLM does not call
@@ -239,7 +218,7 @@ class DSparkV1Proposer:
         for req_id, state in zip(gone, states):
             self.context.drop(state.key)
             self.pending.pop(req_id, None)
-        self.scheduler.stale.forget(gone)
+        self.scheduler.forget(gone)
 
     def _state(self, req_id: str, first_pos: int) -> tuple[_RequestState, bool]:
         """This request's state, and whether it is new and starts past position 0 (a prefix-cache
@@ -281,41 +260,43 @@ class DSparkV1Proposer:
         drafting = [j for j, i in enumerate(rows) if step.sampled[i]]
         return [int(rows[j]) for j in drafting], [states[j] for j in drafting], hit
 
-    def _propose_step(self, runner, step: StepInput) -> list[list[int]]:
+    def _propose(self, step: StepInput) -> StepDrafts:
         self._release_departed(step)
-        draft_rows, draft_states, hit = self._queue_context(step)
-        for row in draft_rows:
-            verified = self.pending.pop(step.req_ids[row], None)
-            if verified:
-                self.stats.record_outcome(verified, len(step.sampled[row]) - 1)
+        rows, states, hit = self._queue_context(step)
+        self._record_outcomes(step, rows)
         if hit:  # the new request's cached prefix may still be queued under its writer's key
             self._flush(self.context.keys())
-        batch = len(step.req_ids)
         out: list[list[int]] = [[] for _ in step.req_ids]
-        ready = len(draft_rows)
-        if not draft_rows:
+        ready = len(rows)
+        plan = self._plan(len(step.req_ids), ready)
+        if plan.requests == 0:  # nothing to draft from, or gated: plain decoding this step
             self._flush(self.context.full_keys())
-            self._trace_step(step, 0, 0, 0, None)
-            return out
-        load = StepLoad(base_tokens=batch - ready, max_num_tokens=self.max_num_tokens)
-        depth = self.block_size
-        if self.oracle is None:
-            plan = self.scheduler.plan_draft(ready, load)
-            if plan.requests == 0:  # gated: plain decoding this step
-                self._flush(self.context.full_keys())
-                self.stats.record_gated()
-                self.stats.maybe_flush()
-                self._trace_step(step, ready, 0, 0, None)
-                return out
-            if plan.requests < ready:  # a gate probe: one request (rotating) drafts
-                pick = self.stats.steps % ready
-                draft_rows, draft_states = [draft_rows[pick]], [draft_states[pick]]
-                load = StepLoad(base_tokens=batch - 1, max_num_tokens=self.max_num_tokens)
-            depth = plan.depth or self.block_size
-        return self._draft(runner, step, draft_rows, draft_states, depth, load, ready, out)
+            if ready:
+                self.metrics.record_gated()
+                self.metrics.maybe_flush()
+            self._trace_step(step, ready, 0, 0, None)
+            return StepDrafts(out)
+        picked = plan.rows(ready)
+        rows, states = [rows[j] for j in picked], [states[j] for j in picked]
+        load = StepLoad(base_tokens=len(step.req_ids) - len(rows), max_num_tokens=self.max_num_tokens)
+        return self._draft(step, rows, states, plan.depth or self.block_size, load, ready, out)
 
-    def _draft(self, runner, step: StepInput, rows: list[int], states: list[_RequestState], depth: int,
-               load: StepLoad, ready: int, out: list[list[int]]) -> list[list[int]]:
+    def _record_outcomes(self, step: StepInput, rows: list[int]) -> None:
+        """Acceptance of the drafts each request had verified in the step that just ended."""
+        for row in rows:
+            verified = self.pending.pop(step.req_ids[row], None)
+            if verified:
+                self.metrics.record_outcome(verified, len(step.sampled[row]) - 1)
+
+    def _plan(self, batch: int, ready: int) -> DraftPlan:
+        if ready == 0:
+            return DraftPlan(0, None)
+        if self.oracle is not None:
+            return DraftPlan(ready, self.block_size)
+        return self.scheduler.plan(ready, StepLoad(base_tokens=batch - ready, max_num_tokens=self.max_num_tokens))
+
+    def _draft(self, step: StepInput, rows: list[int], states: list[_RequestState], depth: int,
+               load: StepLoad, ready: int, out: list[list[int]]) -> StepDrafts:
         # Shortest context first: the view cuts requests into chunks of similar length.
         order = sorted(range(len(rows)), key=lambda j: states[j].next_pos - states[j].start)
         rows, states = [rows[j] for j in order], [states[j] for j in order]
@@ -338,28 +319,26 @@ class DSparkV1Proposer:
         t_draft = time.perf_counter()
         block = self.drafter.propose(anchor, view, temperature, fused=fused, seeds=seeds, depth=depth,
                                      all_greedy=all_greedy)
-        if block.probs is not None:
-            write_draft_probs(runner, block.probs, req_ids)
         tokens = block.tokens.tolist()  # host sync 1 of 2
         logits = None if block.confidence_logits is None else block.confidence_logits.float().numpy(force=True)  # 2
         conf = self.scheduler.confidences(logits)
-        lengths = self._lengths(conf, req_ids, load)
+        lengths = [int(n) for n in self.scheduler.lengths(conf, req_ids, load=load, width=depth)]
         draft_ms = (time.perf_counter() - t_draft) * 1000.0
         self.scheduler.observe_draft(conf, draft_ms)
         if self.oracle is not None:
             for j, i in enumerate(rows):
-                known = self.oracle.drafts(token_history(runner, i), self.block_size, self.drafter.config.vocab_size)
+                known = self.oracle.after(step.history(i))
                 if known is not None:
                     tokens[j] = known
         for j, (i, toks, n) in enumerate(zip(rows, tokens, lengths)):
             out[i] = toks[:n]
             if n > 0:
                 self.pending[req_ids[j]] = conf[j, :n].tolist() if conf is not None else [float("nan")] * n
-        self.stats.record_step(len(rows) * depth, lengths)
+        self.metrics.record_step(len(rows) * depth, lengths)
         self._handed_out = sum(lengths)
-        self.stats.maybe_flush()
+        self.metrics.maybe_flush()
         self._trace_step(step, ready, len(rows), depth, draft_ms)
-        return out
+        return StepDrafts(out, block.probs, req_ids if block.probs is not None else None)
 
     def _flush(self, keys: list[int]) -> None:
         """Write the queued context of ``keys`` into the pool and tell the gate what it cost (a
@@ -375,17 +354,16 @@ class DSparkV1Proposer:
     def _trace_step(self, step: StepInput, ready: int, drafting: int, depth: int, draft_ms: float | None) -> None:
         if not self.trace.enabled:
             return
-        gate = self.scheduler.gate
+        learned = self.scheduler.snapshot()
         step_ms, verified = self._last_step
-        cost = self.scheduler.step_cost.cost if self.scheduler.step_cost is not None else None
         self.trace.write(batch=len(step.req_ids), ready=ready, drafting=drafting, depth=depth,
-                         gain=None if gate is None or drafting == 0 and ready == 0 else gate.last_gain,
+                         gain=None if ready == 0 else learned.last_gain,
                          step_ms=None if step_ms is None else round(step_ms, 3), verified=verified,
                          emitted=sum(len(row) for row in step.sampled),
                          draft_ms=None if draft_ms is None else round(draft_ms, 3),
                          ingest_ms=None if self._ingest_ms is None else round(self._ingest_ms, 3),
-                         scale=None if cost is None else round(cost.scale, 4),
-                         premium=None if cost is None else cost.verify_premium)
+                         scale=None if learned.cost_scale is None else round(learned.cost_scale, 4),
+                         premium=learned.verify_premium)
 
     def _time_drafter(self, anchor: torch.Tensor, view: PagedContextView, temperature: torch.Tensor,
                       all_greedy: bool) -> None:
@@ -396,7 +374,7 @@ class DSparkV1Proposer:
         Without it the timer extrapolates d(R) from the batch sizes that happened to draft first
         (a line through 1 and 2 requests, say), and the gate opens or shuts under load on that
         error. Later drafts refine the fit (it forgets old points)."""
-        if self.scheduler.gate is None:
+        if not self.scheduler.measures_draft_time:
             return
         max_reqs = int(self.vllm_config.scheduler_config.max_num_seqs)
         sizes = [r for r in DRAFT_TIMING_SIZES if r <= max_reqs]
@@ -412,7 +390,7 @@ class DSparkV1Proposer:
                                          all_greedy=all_greedy)
             block.tokens.cpu()  # waits for the device, as a drafted step does
             self.scheduler.confidences(block.confidence_logits)  # part of a drafted step's cost too
-            self.scheduler.gate.timer.observe(size * depth, (time.perf_counter() - t0) * 1000.0)
+            self.scheduler.observe_draft_time(size * depth, (time.perf_counter() - t0) * 1000.0)
         self._time_ingestion(sizes[-1])
 
     def _time_ingestion(self, requests: int) -> None:
@@ -420,7 +398,7 @@ class DSparkV1Proposer:
         of random features for ``requests`` requests into a scratch pool (the live one is in use)."""
         per_max = max(INGEST_TIMING_TOKENS)
         scratch = PendingContext(self.drafter, self.drafter.new_pool(requests * per_max))
-        width = self.drafter.fc.in_features  # m target layers x hidden size
+        width = self.drafter.context_width  # m target layers x hidden size
         device = self.drafter.device
         for per in INGEST_TIMING_TOKENS:
             n = requests * per
@@ -430,7 +408,7 @@ class DSparkV1Proposer:
             t0 = time.perf_counter()
             tokens = scratch.flush()
             scratch.pool.keys[0][:1].cpu()  # waits for the device
-            self.scheduler.gate.observe_ingest(tokens, (time.perf_counter() - t0) * 1000.0)
+            self.scheduler.observe_ingest(tokens, (time.perf_counter() - t0) * 1000.0)
 
     def _draft_temperatures(self, temperatures: np.ndarray) -> np.ndarray:
         """Per-request draft temperature: the request's own under ``draft_sampling: probabilistic``
@@ -438,8 +416,3 @@ class DSparkV1Proposer:
         if self.settings.draft_sampling != "probabilistic":
             return np.zeros(len(temperatures))
         return temperatures
-
-    def _lengths(self, conf: np.ndarray | None, req_ids: list[str], load: StepLoad) -> list[int]:
-        if conf is None:  # no confidence head: fixed policy (checked at start-up)
-            return [self.block_size] * len(req_ids)
-        return [int(x) for x in self.scheduler.lengths_from_confidences(conf, req_ids, load=load)]

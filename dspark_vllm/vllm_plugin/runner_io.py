@@ -1,8 +1,9 @@
 """Everything the proposer reads from or writes to vLLM's V1 model runner, in one place.
 
 :func:`read_step` turns one engine step into a :class:`StepInput` of plain host arrays and
-device tensors; :func:`kv_layout` finds the KV-cache group whose slot numbers the draft context
-pool mirrors; :func:`write_draft_probs` hands q to vLLM's rejection sampler. Nothing here waits
+device tensors; the proposer answers with a :class:`StepDrafts`, which :func:`write_drafts`
+hands back (token lists for vLLM's scheduler, q for its rejection sampler); :func:`kv_layout`
+finds the KV-cache group whose slot numbers the draft context pool mirrors. Nothing here waits
 for the device: host values come from the runner's own host copies (``*_cpu`` arrays, the
 sampled-token lists vLLM already built for ``custom_class`` proposers).
 """
@@ -10,6 +11,7 @@ sampled-token lists vLLM already built for ``custom_class`` proposers).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,6 +36,17 @@ class StepInput:
     page_size: int                # tokens per block-table entry
     temperatures: np.ndarray      # [R]
     finished: set[str]
+    total_tokens: int             # tokens the target processed this step
+    history: Callable[[int], list[int]]  # row -> prompt + output tokens (host copy; test oracle only)
+
+
+@dataclass
+class StepDrafts:
+    """The proposer's answer: per-row draft token lists, and q of the drafted rows (or None)."""
+
+    tokens: list[list[int]]
+    probs: torch.Tensor | None = None   # [N, D, V] for the requests in ``prob_req_ids``
+    prob_req_ids: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,16 +109,20 @@ def read_step(runner, scheduler_output, sampled_token_ids, aux_hidden_states, gr
         slot_mapping=table.slot_mapping.gpu[:total],
         block_table=table.block_table.gpu[:n], page_size=int(table.block_size),
         temperatures=np.asarray(batch.temperature_cpu[:n], dtype=np.float64),
-        finished=set(scheduler_output.finished_req_ids))
+        finished=set(scheduler_output.finished_req_ids),
+        total_tokens=int(scheduler_output.total_num_scheduled_tokens),
+        history=lambda row: token_history(runner, row))
 
 
-def write_draft_probs(runner, probs: torch.Tensor | None, req_ids: list[str] | None) -> None:
-    """q of this step's drafts for vLLM's rejection sampler, rows looked up by request id."""
-    runner._draft_probs = None if probs is None else probs.to(runner.device)
-    runner._draft_prob_req_ids = req_ids
+def write_drafts(runner, drafts: StepDrafts) -> list[list[int]]:
+    """Hand a step's drafts back: q to vLLM's rejection sampler (rows looked up by request id;
+    None: one-hot, i.e. greedy drafts), the token lists as ``propose_draft_token_ids``' result."""
+    runner._draft_probs = None if drafts.probs is None else drafts.probs.to(runner.device)
+    runner._draft_prob_req_ids = drafts.prob_req_ids
+    return drafts.tokens
 
 
 def token_history(runner, row: int) -> list[int]:
-    """Prompt + output tokens of batch row ``row`` (test oracle only)."""
+    """Prompt + output tokens of batch row ``row``."""
     batch = runner.input_batch
     return batch.token_ids_cpu[row, : int(batch.num_tokens_no_spec[row])].tolist()

@@ -23,14 +23,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-ENV_COST_PROFILE = "DSPARK_VLLM_COST_PROFILE"
-GRID = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 # Part of the cache key: profiles measured by an older recipe are measured again.
 PROFILE_RECIPE = "prefill+logits-mp-worker-v3"
 
 
 def cached_profile_path(target: str, max_tokens: int) -> Path:
-    from ..targets import cache_root
+    from ..pypi_models import cache_root
     from . import vllm_version
 
     key = json.dumps([str(Path(target).resolve()), vllm_version(), platform.node(), os.cpu_count(), max_tokens,
@@ -63,7 +61,7 @@ def _child(target: str, max_tokens: int, out: str, dtype: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from dspark_vllm.scheduler import profile_step_times
+    from dspark_vllm.scheduler import profile_grid, profile_step_times
 
     llm = LLM(target, dtype=dtype, enforce_eager=True, enable_prefix_caching=False, max_model_len=max(max_tokens + 8, 64),
               max_num_batched_tokens=max(max_tokens, 256), seed=0)
@@ -75,7 +73,7 @@ def _child(target: str, max_tokens: int, out: str, dtype: str) -> None:
         ids = rng.integers(100, vocab - 1, size=n).tolist()
         llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
 
-    grid = [t for t in GRID if t <= max_tokens]
+    grid = profile_grid(max_tokens)
     prof = profile_step_times(forward, grid, repeats=3)
     # imported by its package name (this file runs as __main__), so the worker can unpickle it
     from dspark_vllm.vllm_plugin.startup_profile import LogitsTimer
@@ -91,7 +89,7 @@ def with_logits_for_every_token(prefill, logits_ms: list[float]):
 
     A prefill of N tokens computes logits for its last position only; a step that verifies
     drafts (or decodes N requests) computes them for all N positions. On a CPU that difference
-    is most of the marginal cost of a verified token: SmolLM2's LM head (49,152 x 576) is a
+    is most of the marginal cost of a verified token: a small model's LM head (SmolLM2: 49,152 x 576) is a
     fifth of its weights. Left out, the served cost scale (learned on decode steps) stretched
     the 1-logit curve's slope instead, and the draft gate priced a verified token at about half
     of what it cost. ``logits_ms[i]`` is the time to compute logits for ``prefill.tokens[i]``

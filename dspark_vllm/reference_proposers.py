@@ -12,6 +12,7 @@ import torch
 
 from .context_cache import ContextKVCache
 from .drafter import DSparkDrafter
+from .oracle import OracleDrafts
 from .sampling import DraftBlock
 
 
@@ -53,37 +54,26 @@ class DSparkProposer:
 
 
 class OracleProposer:
-    """Proposes a known continuation (e.g. the target's own greedy output) for testing.
+    """Proposes a known continuation (see :mod:`dspark_vllm.oracle`) for testing.
 
     sequences[r] is prompt + expected continuation of request r; the block drafted for an anchor
-    at position p is sequences[r][p+1 : p+1+B]. ``corrupt_position`` k replaces draft k of every
-    block with a wrong token, so acceptance must stop exactly there.
+    at position p is sequences[r][p+1 : p+1+B], every position reporting ``confidence``.
     """
 
     def __init__(self, sequences: list[list[int]], block_size: int, vocab_size: int,
                  corrupt_position: int | None = None, confidence: float = 1.0) -> None:
-        self.sequences = sequences
+        self.oracle = OracleDrafts(sequences, block_size, vocab_size, corrupt_position)
         self.block_size = block_size
-        self.vocab_size = vocab_size
-        self.corrupt_position = corrupt_position
         self.confidence = confidence
 
     def start(self, batch: int) -> None:
-        assert batch == len(self.sequences)
+        assert batch == len(self.oracle.sequences)
 
     def add_context(self, features, counts) -> None:
         pass
 
     def propose(self, anchor, anchor_pos, temperature, generator):
-        rows = []
-        for r, pos in enumerate(anchor_pos.tolist()):
-            seq = self.sequences[r]
-            block = seq[pos + 1: pos + 1 + self.block_size]
-            block = block + [0] * (self.block_size - len(block))
-            if self.corrupt_position is not None:
-                k = self.corrupt_position
-                block[k] = (block[k] + 1) % self.vocab_size
-            rows.append(block)
+        rows = [self.oracle.block(self.oracle.sequences[r], pos + 1) for r, pos in enumerate(anchor_pos.tolist())]
         tokens = torch.tensor(rows, dtype=torch.long)
         logit = torch.logit(torch.tensor(self.confidence).clamp(1e-6, 1 - 1e-6))
         return DraftBlock(tokens=tokens, probs=None, confidence_logits=logit.expand(tokens.shape).clone())

@@ -16,22 +16,57 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class AcceptanceStats:
-    block_size: int
-    rounds: int = 0
-    acceptance_length_sum: int = 0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    generated_tokens: int = 0
-    seconds: float = 0.0
-    accepted_gt: list[int] = field(default_factory=list)  # rounds with n > k
-    verified_gt: list[int] = field(default_factory=list)  # rounds with L > k
-    reached: list[int] = field(default_factory=list)  # rounds with n >= k and L > k
+class PositionCounts:
+    """Per draft position k over verification rounds: ``verified[k]`` rounds that verified more
+    than k drafts, ``reached[k]`` those whose first k drafts were all accepted (draft k was
+    tried), ``accepted[k]`` those that accepted more than k. The serving metrics and the
+    evaluator's statistics both count with this."""
+
+    size: int
+    verified: list[int] = field(default_factory=list)
+    reached: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.accepted_gt = self.accepted_gt or [0] * self.block_size
-        self.verified_gt = self.verified_gt or [0] * self.block_size
-        self.reached = self.reached or [0] * self.block_size
+        for name in ("verified", "reached", "accepted"):
+            if not getattr(self, name):
+                setattr(self, name, [0] * self.size)
+
+    def record(self, draft_len: int, accepted: int) -> None:
+        """One round: ``draft_len`` drafts verified, the first ``accepted`` of them accepted."""
+        for k in range(min(draft_len, self.size)):
+            self.verified[k] += 1
+            self.reached[k] += int(accepted >= k)
+            self.accepted[k] += int(accepted > k)
+
+    def merge(self, other: "PositionCounts") -> None:
+        for name in ("verified", "reached", "accepted"):
+            setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
+
+    def accept_rate(self) -> list[float]:
+        """Unconditional prefix survival accept@k."""
+        return [a / v if v else 0.0 for a, v in zip(self.accepted, self.verified)]
+
+    def conditional_accept_rate(self) -> list[float]:
+        """P(draft k accepted | drafts < k accepted)."""
+        return [a / r if r else 0.0 for a, r in zip(self.accepted, self.reached)]
+
+
+@dataclass
+class AcceptanceStats:
+    """tau and per-position acceptance of a decoding run (DeepSpec's definitions, see above)."""
+
+    block_size: int
+    rounds: int = 0                  # verification rounds
+    acceptance_length_sum: int = 0   # sum of per-round acceptance lengths (tau's numerator)
+    draft_tokens: int = 0            # drafts verified (proposal lengths)
+    accepted_tokens: int = 0
+    generated_tokens: int = 0        # output tokens, whatever produced them
+    seconds: float = 0.0             # wall time of the run
+    positions: PositionCounts | None = None
+
+    def __post_init__(self) -> None:
+        self.positions = self.positions or PositionCounts(self.block_size)
 
     def record_round(self, draft_len: int, accepted: int, stopped: bool) -> None:
         """One verification: ``draft_len`` drafts verified, ``accepted`` of them accepted (cut at a
@@ -42,19 +77,14 @@ class AcceptanceStats:
         self.draft_tokens += draft_len
         self.accepted_tokens += accepted
         self.acceptance_length_sum += accepted if stopped else accepted + 1
-        for k in range(self.block_size):
-            self.verified_gt[k] += int(draft_len > k)
-            self.accepted_gt[k] += int(accepted > k)
-            self.reached[k] += int(accepted >= k and draft_len > k)
+        self.positions.record(draft_len, accepted)
 
     def merge(self, other: "AcceptanceStats") -> None:
         for name in ("rounds", "acceptance_length_sum", "draft_tokens", "accepted_tokens",
                      "generated_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.seconds += other.seconds
-        self.accepted_gt = [a + b for a, b in zip(self.accepted_gt, other.accepted_gt)]
-        self.verified_gt = [a + b for a, b in zip(self.verified_gt, other.verified_gt)]
-        self.reached = [a + b for a, b in zip(self.reached, other.reached)]
+        self.positions.merge(other.positions)
 
     @property
     def tau(self) -> float:
@@ -67,11 +97,11 @@ class AcceptanceStats:
 
     def accept_rate(self) -> list[float]:
         """Unconditional prefix survival accept@k per position."""
-        return [a / v if v else 0.0 for a, v in zip(self.accepted_gt, self.verified_gt)]
+        return self.positions.accept_rate()
 
     def conditional_accept_rate(self) -> list[float]:
         """P(draft k accepted | drafts < k accepted), per position."""
-        return [a / r if r else 0.0 for a, r in zip(self.accepted_gt, self.reached)]
+        return self.positions.conditional_accept_rate()
 
     def summary(self) -> str:
         rates = " ".join(f"{r:.2f}" for r in self.conditional_accept_rate())

@@ -10,8 +10,8 @@ from stub_runner import PAGE, StubRunner
 
 from dspark_vllm.bench.host_syncs import HostSyncCounter
 from dspark_vllm.drafters import SMOLLM2_DRAFTER
-from dspark_vllm.settings import CONFIGS_DIR
-from dspark_vllm.vllm_plugin.patches import ENV_CHECKPOINT, ENV_CONFIG
+from dspark_vllm.settings import CONFIGS_DIR, load_settings
+from dspark_vllm.vllm_plugin.startup import ENV_WORKER, WorkerSettings
 from dspark_vllm.vllm_plugin.proposer import (DRAFT_TIMING_SIZES, INGEST_TIMING_TOKENS, SHALLOW_TIMING_DEPTHS,
                                               DSparkV1Proposer)
 
@@ -20,8 +20,8 @@ IDS = [f"r{i}" for i in range(NUM_REQS)]
 
 
 def make_proposer(monkeypatch, max_num_seqs: int = 8, prefix_caching: bool = False) -> DSparkV1Proposer:
-    monkeypatch.setenv(ENV_CHECKPOINT, str(SMOLLM2_DRAFTER))
-    monkeypatch.setenv(ENV_CONFIG, str(CONFIGS_DIR / "llama-smollm2.yaml"))
+    worker = WorkerSettings.for_checkpoint(SMOLLM2_DRAFTER, load_settings(CONFIGS_DIR / "llama-smollm2.yaml"))
+    monkeypatch.setenv(ENV_WORKER, worker.to_json())
     config = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=torch.float32),
                                    scheduler_config=types.SimpleNamespace(max_num_seqs=max_num_seqs,
                                                                           max_num_batched_tokens=2048),
@@ -61,7 +61,7 @@ def test_closed_gate_queues_context_and_drafts_nothing(proposer):
     gate.prior = np.full(p.block_size, 0.01)  # hopeless drafts: no length can pay
     gate.timer.observe(NUM_REQS, 1000.0)
     drafts = run_step(p, runner, [0] * NUM_REQS, [5, 6, 7, 8])
-    assert drafts == [[]] * NUM_REQS and p.stats.gated == 1 and p.stats.steps == 0
+    assert drafts == [[]] * NUM_REQS and p.metrics.gated == 1 and p.metrics.steps == 0
     keys = [p.requests[f"r{i}"].key for i in range(NUM_REQS)]
     assert [p.context.pending_tokens(k) for k in keys] == [5, 6, 7, 8]
     assert not p.pool.keys[0].any()  # nothing projected while gated
@@ -100,7 +100,7 @@ def test_first_draft_times_the_drafter_at_several_batch_sizes(proposer):
     p, runner = proposer
     timer = p.scheduler.gate.timer
     drafts = run_step(p, runner, [0] * NUM_REQS, [5, 6, 7, 8])  # no prior yet: the gate opens
-    assert p.stats.steps == 1 and any(drafts)
+    assert p.metrics.steps == 1 and any(drafts)
     assert p.context.total_tokens == 0  # drafting flushed the queued context
     written = [pool_rows(p, runner, f"r{i}", n) for i, n in enumerate([5, 6, 7, 8])]
     assert all(w.abs().sum(dim=(1, 2)).gt(0).all() for w in written)
@@ -131,13 +131,13 @@ def test_shallow_plan_drafts_only_that_many_positions(proposer, monkeypatch):
         depths.append(kwargs.get("depth"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(p.scheduler, "plan_draft", lambda n, load=None: DraftPlan(n, 2))
+    monkeypatch.setattr(p.scheduler, "plan", lambda n, load=None: DraftPlan(n, 2))
     monkeypatch.setattr(p.drafter, "propose", spy)
-    drafted_before = p.stats.drafted
+    drafted_before = p.metrics.drafted
     drafts = run_step(p, runner, [5 + len(d) for d in [[]] * NUM_REQS], [1] * NUM_REQS)
     assert depths == [2]
     assert all(len(d) <= 2 for d in drafts)
-    assert p.stats.drafted - drafted_before == 2 * NUM_REQS
+    assert p.metrics.drafted - drafted_before == 2 * NUM_REQS
 
 
 def test_a_step_is_timed_as_drafted_only_if_it_verified_drafts(proposer, monkeypatch):
@@ -190,12 +190,12 @@ def _decode_syncs(monkeypatch, batch: int) -> tuple[int, int]:
         runner = StubRunner(ids)
         p.attach(runner)
         p.bind_kv_cache(runner)
-        m.setattr(p.scheduler, "plan_draft", lambda n, load=None: DraftPlan(n, None))
+        m.setattr(p.scheduler, "plan", lambda n, load=None: DraftPlan(n, None))
         lengths = [5 + 3 * i % 40 for i in range(batch)]
         drafts, _ = runner.step(p, [0] * batch, lengths, seed=1)  # prefill, first draft (timing runs)
         counts = []
         for plan in (DraftPlan(batch, None), DraftPlan(0, None)):
-            m.setattr(p.scheduler, "plan_draft", lambda n, load=None, plan=plan: plan)
+            m.setattr(p.scheduler, "plan", lambda n, load=None, plan=plan: plan)
             spec = {r: d for r, d in zip(ids, drafts) if d}
             sampled = [[11] * (1 + len(d) // 2) for d in drafts]  # half of each block accepted
             with HostSyncCounter() as syncs:
@@ -235,7 +235,7 @@ def test_prefix_hit_drafts_from_the_cached_prefix(monkeypatch):
     runner.set_batch(["a", "b"])
     runner.blocks["b"] = runner.blocks["a"][:2]  # b's first 32 positions hit a's two blocks
     seen = []
-    monkeypatch.setattr(p.scheduler, "plan_draft", lambda n, load=None: DraftPlan(n, None))
+    monkeypatch.setattr(p.scheduler, "plan", lambda n, load=None: DraftPlan(n, None))
     real = p.drafter.propose
     monkeypatch.setattr(p.drafter, "propose", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
     drafts, aux_b = runner.step(p, [40, 32], [1, 6], seed=2)

@@ -121,10 +121,42 @@ def test_every_vllm_symbol_the_plugin_touches_exists():
     """The manifest of wrapped and read vLLM symbols resolves in the installed vLLM (a rename in
     a new vLLM release fails here, not in a served step)."""
     missing = []
-    for dotted, reason in patches.VLLM_SYMBOLS:
-        assert reason
+    for patch in patches.PATCHES:
+        assert patch.reason and patch.group
         try:
-            patches.resolve_symbol(dotted)
+            patches.resolve_symbol(patch.symbol)
         except (ImportError, AttributeError) as exc:
-            missing.append(f"{dotted}: {exc}")
+            missing.append(f"{patch.symbol}: {exc}")
     assert not missing, missing
+
+
+def test_install_wraps_every_listed_symbol_once():
+    patches.install()
+    patches.install()
+    for patch in patches.PATCHES:
+        installed = patches.resolve_symbol(patch.symbol)
+        if patch.wrapper is None:
+            assert not getattr(installed, patches.WRAPPED, False), patch.symbol
+            continue
+        assert getattr(installed, patches.WRAPPED, False), patch.symbol
+        assert not getattr(installed.__wrapped__, patches.WRAPPED, False), f"{patch.symbol} wrapped twice"
+
+
+def test_a_required_patch_that_does_not_resolve_names_the_symbol(monkeypatch):
+    broken = patches.Patch("vllm.v1.worker.gpu_model_runner.GPUModelRunner.no_such_method", patches.wrap_sample,
+                           "test", "runner")
+    monkeypatch.setattr(patches, "PATCHES", patches.PATCHES + (broken,))
+    with pytest.raises(RuntimeError, match="cannot patch vLLM's runner.*no_such_method"):
+        patches.install()
+    optional = patches.Patch("vllm.no_such_module.Thing.method", patches.wrap_sample, "test", "elsewhere",
+                             optional=True)
+    monkeypatch.setattr(patches, "PATCHES", patches.PATCHES[:-1] + (optional,))
+    patches.install()  # skipped with a debug line
+
+
+def test_the_adapter_doc_lists_every_patched_symbol():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "vllm-adapter.md").read_text()
+    missing = [p.symbol for p in patches.PATCHES if f"`{p.symbol.removeprefix('vllm.')}`" not in doc]
+    assert not missing, f"docs/vllm-adapter.md does not list {missing}"

@@ -1,0 +1,122 @@
+"""Start-up: validate a ``method: dspark`` speculative config and hand the worker its settings.
+
+Runs in the process that builds vLLM's config (the API server, or the ``LLM`` caller) before any
+engine process exists. Every mismatch between the checkpoint, the target and the YAML settings
+is raised here as a :class:`DSparkStartupError` naming the problem and the fix, not as a
+traceback from inside vLLM. What the worker needs (checkpoint folder, validated settings,
+measured cost profile) travels as one :class:`WorkerSettings` JSON in ``DSPARK_VLLM_WORKER``,
+inherited by the engine and worker processes; the proposer reads it once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..checkpoint import CheckpointMismatchError, load_config, validate_against_target, validate_block_size
+from ..drafter_config import SUPPORTED_ARCHS, DSparkConfigError
+from ..scheduler import require_confidence_head
+from ..settings import CONFIGS_DIR, DSparkSettings, SettingsError, load_settings, settings_from_dict
+
+PROPOSER_PATH = "dspark_vllm.vllm_plugin.proposer.DSparkV1Proposer"
+ENV_CONFIG = "DSPARK_VLLM_CONFIG"    # user's choice of YAML settings (a path or a name in configs/)
+ENV_BACKEND = "DSPARK_VLLM_BACKEND"  # "upstream": leave method=dspark to vLLM (MRV2 on CUDA)
+ENV_WORKER = "DSPARK_VLLM_WORKER"    # WorkerSettings JSON, written here, read by the proposer
+SETTINGS_IN_CHECKPOINT = "dspark.yaml"
+
+
+class DSparkStartupError(ValueError):
+    """DSpark cannot start with this configuration; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything the worker-side proposer needs, validated once at start-up."""
+
+    checkpoint: str
+    settings: dict           # DSparkSettings.model_dump()
+    settings_source: str | None = None
+    cost_profile: str | None = None  # profile measured at start-up (scheduler.profile_at_startup)
+
+    def dspark_settings(self) -> DSparkSettings:
+        return settings_from_dict(self.settings, self.settings_source or "<dict>")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    def export(self) -> None:
+        """Hand these settings to the engine and worker processes started after this call."""
+        os.environ[ENV_WORKER] = self.to_json()
+
+    @classmethod
+    def from_env(cls) -> "WorkerSettings":
+        raw = os.environ.get(ENV_WORKER)
+        if not raw:
+            raise RuntimeError(f"{ENV_WORKER} is not set: DSparkV1Proposer is created by the dspark plugin from "
+                               "a speculative config with method 'dspark' (was the plugin registered?)")
+        return cls(**json.loads(raw))
+
+    @classmethod
+    def for_checkpoint(cls, checkpoint: str | Path, settings: DSparkSettings,
+                       cost_profile: str | None = None) -> "WorkerSettings":
+        return cls(str(checkpoint), settings.model_dump(), settings.source, cost_profile)
+
+
+def settings_path(checkpoint: str | None) -> Path:
+    """DSPARK_VLLM_CONFIG (a path or a name in configs/), else dspark.yaml in the checkpoint
+    folder, else configs/default.yaml."""
+    choice = os.environ.get(ENV_CONFIG)
+    if choice:
+        p = Path(choice).expanduser()
+        if p.exists() or p.suffix in (".yaml", ".yml"):
+            return p
+        named = CONFIGS_DIR / f"{choice}.yaml"
+        if named.exists():
+            return named
+        raise DSparkStartupError(f"{ENV_CONFIG}={choice!r} is neither a file nor one of "
+                                 f"{sorted(x.stem for x in CONFIGS_DIR.glob('*.yaml'))}")
+    if checkpoint and (Path(checkpoint) / SETTINGS_IN_CHECKPOINT).exists():
+        return Path(checkpoint) / SETTINGS_IN_CHECKPOINT
+    return CONFIGS_DIR / "default.yaml"
+
+
+def is_deepspec_checkpoint(model: str | None) -> bool:
+    """A folder whose config.json names one of our drafter architectures."""
+    if not model or not (Path(model) / "config.json").exists():
+        return False
+    archs = json.loads((Path(model) / "config.json").read_text()).get("architectures") or []
+    return bool(set(archs) & set(SUPPORTED_ARCHS))
+
+
+def prepare_speculative_config(spec) -> None:
+    """Validate a dspark SpeculativeConfig, export the worker's settings and route the config
+    to our V1 proposer through vLLM's ``custom_class`` method (mutates ``spec``)."""
+    from . import check_vllm_version
+
+    check_vllm_version()
+    checkpoint = str(Path(spec.model).expanduser().resolve())
+    try:
+        config = load_config(checkpoint)
+        settings = load_settings(settings_path(checkpoint))
+        requested = spec.num_speculative_tokens or settings.num_speculative_tokens
+        target = spec.target_model_config.hf_config if spec.target_model_config is not None else None
+        require_confidence_head(settings.scheduler.policy, config.enable_confidence_head)
+        if target is not None:
+            validate_against_target(config, target, requested)
+        else:
+            validate_block_size(config, requested)
+    except (CheckpointMismatchError, DSparkConfigError, SettingsError, FileNotFoundError, ValueError) as exc:
+        raise DSparkStartupError(f"DSpark start-up failed: {exc}") from None
+    profile = None
+    if settings.scheduler.profile_at_startup and spec.target_model_config is not None:
+        from .startup_profile import ensure_startup_profile
+
+        dtype = str(spec.target_model_config.dtype).replace("torch.", "")
+        profile = str(ensure_startup_profile(spec.target_model_config.model, settings.scheduler.profile_max_tokens,
+                                             dtype))
+    WorkerSettings.for_checkpoint(checkpoint, settings, profile).export()
+    spec.num_speculative_tokens = config.block_size
+    spec.method = "custom_class"
+    spec.model = PROPOSER_PATH

@@ -1,0 +1,49 @@
+"""Start-up without an engine: validation errors, routing, and the worker's one settings object."""
+
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from dspark_vllm.drafters import SMOLLM2_DRAFTER  # noqa: E402
+from dspark_vllm.settings import CONFIGS_DIR  # noqa: E402
+from dspark_vllm.vllm_plugin import startup  # noqa: E402
+
+
+def spec(**kw) -> SimpleNamespace:
+    return SimpleNamespace(**{"model": str(SMOLLM2_DRAFTER), "num_speculative_tokens": None,
+                              "target_model_config": None, "method": "dspark", **kw})
+
+
+def test_a_valid_config_is_routed_and_hands_the_worker_one_object(monkeypatch):
+    monkeypatch.setenv(startup.ENV_CONFIG, "llama-smollm2")
+    monkeypatch.delenv(startup.ENV_WORKER, raising=False)
+    s = spec()
+    startup.prepare_speculative_config(s)
+    assert (s.method, s.model, s.num_speculative_tokens) == ("custom_class", startup.PROPOSER_PATH, 7)
+    worker = startup.WorkerSettings.from_env()
+    assert worker.checkpoint == str(SMOLLM2_DRAFTER.resolve())
+    assert worker.settings_source == str(CONFIGS_DIR / "llama-smollm2.yaml")
+    settings = worker.dspark_settings()  # no YAML read in the worker: rebuilt from the object
+    assert settings.scheduler.policy == "causal_greedy"
+    assert settings.resolve(settings.scheduler.cost_profile).exists()  # relative paths still resolve
+
+
+def test_wrong_block_size_and_missing_handover_are_explained(monkeypatch):
+    monkeypatch.setenv(startup.ENV_CONFIG, "llama-smollm2")
+    with pytest.raises(startup.DSparkStartupError, match="num_speculative_tokens is 3 .* block_size 7"):
+        startup.prepare_speculative_config(spec(num_speculative_tokens=3))
+    monkeypatch.setenv(startup.ENV_CONFIG, "no-such-settings")
+    with pytest.raises(startup.DSparkStartupError, match="neither a file nor one of"):
+        startup.prepare_speculative_config(spec())
+    monkeypatch.delenv(startup.ENV_WORKER, raising=False)
+    with pytest.raises(RuntimeError, match="DSPARK_VLLM_WORKER is not set"):
+        startup.WorkerSettings.from_env()
+
+
+def test_only_our_checkpoints_are_claimed(tmp_path):
+    assert startup.is_deepspec_checkpoint(str(SMOLLM2_DRAFTER))
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    assert not startup.is_deepspec_checkpoint(str(tmp_path))
+    assert not startup.is_deepspec_checkpoint(None)
