@@ -133,17 +133,22 @@ class DSparkDrafter(nn.Module):
         return self.config.block_size
 
     @property
+    def context_proj(self) -> nn.Linear:
+        """The projection fusing the m target layers' features (its weight sets device and dtype)."""
+        return self.fc
+
+    @property
     def device(self) -> torch.device:
-        return self.fc.weight.device
+        return self.context_proj.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.fc.weight.dtype
+        return self.context_proj.weight.dtype
 
     @property
     def context_width(self) -> int:
         """Width m*H of the concatenated target features one context token takes."""
-        return self.fc.in_features
+        return self.context_proj.in_features
 
     def new_cache(self, batch: int, capacity: int = INITIAL_CAPACITY) -> ContextKVCache:
         attn = self.layers[0].self_attn
@@ -160,6 +165,14 @@ class DSparkDrafter(nn.Module):
         return PagedContextPool(len(self.layers), num_slots, attn.num_kv_heads, attn.head_dim, self.device, self.dtype)
 
     # ---- context ---------------------------------------------------------------------------
+    def target_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The engine's aux hidden states [S, width] as this drafter's context input [S, m*H]."""
+        if features.shape[-1] != self.context_width:
+            raise ValueError(f"the target hands {features.shape[-1]} feature channels per token but this drafter "
+                             f"fuses {self.context_width} ({len(self.config.target_layer_ids)} layers x "
+                             f"{self.config.hidden_size}); is the drafter trained for this target?")
+        return features
+
     def fuse_context(self, target_hidden: torch.Tensor) -> torch.Tensor:
         """[..., m*H] concatenated target layer outputs -> [..., H] fused context H_ctx."""
         return self.hidden_norm(self.fc(target_hidden.to(self.dtype)))
@@ -261,12 +274,49 @@ class DSparkDrafter(nn.Module):
         normed; a drafter whose backbone returns pre-norm states normalises here)."""
         return hidden
 
+    @property
+    def context_window(self) -> int | None:
+        """How many context positions before the anchor a block sees (None: all of them)."""
+        return None
+
+    def packed_block_hidden(self, context: torch.Tensor, context_pos: torch.Tensor, block_ids: torch.Tensor,
+                            block_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Training forward of packed blocks: context features [S, T, m*H] at context_pos [S, T],
+        block tokens block_ids [S, L] at block_pos [S, L], mask [S, L, T + L] (which context and
+        block slots each block token sees). Returns what :meth:`forward_block` returns per token,
+        [S, L, H], so a block equals its inference forward over the context its mask allows."""
+        ctx = self.fuse_context(context)
+        cos_c, sin_c = rotary_cos_sin(self.rotary_emb, self.family, ctx, context_pos)
+        x = self.embed_tokens(block_ids).to(self.dtype)
+        cos_b, sin_b = rotary_cos_sin(self.rotary_emb, self.family, x, block_pos)
+        for layer in self.layers:
+            ck, cv = layer.self_attn.project_kv(ctx, cos_c, sin_c)
+            x = layer(x, cos_b, sin_b, ck, cv, mask)
+        return self.norm(x)
+
+    def save_trained(self, out) -> None:
+        """Write the trained drafter to ``out`` in its checkpoint format (shared embeddings left out)."""
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(self, out, shared_embeddings=True)
+
+    def load_trained(self, out) -> None:
+        """Load what :meth:`save_trained` wrote (training resume)."""
+        from .checkpoint import load_weights_into
+
+        load_weights_into(self, out)
+
     def base_logits(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None,
                     head_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """U_k = lm_head(h_k) in fp32; Gemma4 soft-caps here, before the Markov bias is added.
+        """U_k = lm_head(h_k) in fp32 for the backbone's output h (see :meth:`lm_logits`)."""
+        return self.lm_logits(self.head_input(hidden), vocab, head_rows)
+
+    def lm_logits(self, x: torch.Tensor, vocab: torch.Tensor | None = None,
+                  head_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The shared LM head on x in fp32; Gemma4 soft-caps here, before the Markov bias is added.
         ``vocab`` restricts the logits to those token ids (training on a vocabulary subset);
-        ``head_rows`` are those rows of the LM head already gathered (the draft vocabulary)."""
-        x = self.head_input(hidden)
+        ``head_rows`` are those rows of the LM head already gathered (the draft vocabulary).
+        Also the target's own logits from its final normed hidden state (training teacher)."""
         if head_rows is None and vocab is not None:
             head_rows = self.lm_head.weight[vocab]
         logits = self.lm_head(x).float() if head_rows is None else (x @ head_rows.t()).float()

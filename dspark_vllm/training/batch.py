@@ -64,8 +64,10 @@ def sample_anchor_rows(shard: FeatureShard, seq_ids: list[int], anchors_per_seq:
 
 def build_batch(shard: FeatureShard, seq_ids: list[int], anchors_per_seq: int, block_size: int,
                 mask_token_id: int, generator: torch.Generator,
-                candidates: list[torch.Tensor] | None = None) -> TrainBatch:
+                candidates: list[torch.Tensor] | None = None, context_window: int | None = None) -> TrainBatch:
     """Sample up to ``anchors_per_seq`` anchors per sequence (uniform, without replacement).
+    ``context_window`` W: a block sees only the W context positions before its anchor, as a
+    sliding-window drafter does at inference (None: all of them).
 
     Built with whole-batch gathers on the shard's device (no per-block Python loop): on a GPU the
     per-block loop cost more than the training step itself. ``candidates`` (CPU, per sample, from
@@ -110,6 +112,8 @@ def build_batch(shard: FeatureShard, seq_ids: list[int], anchors_per_seq: int, b
     # block b sees context positions < a_b and its own block (non-causally), nothing else
     own = torch.block_diag(*[torch.ones(b_n, b_n, dtype=torch.bool, device=dev)] * a_n)
     sees_ctx = (t[None, None, :] < anchor[..., None]) & used[..., None]    # [S, A, T]
+    if context_window is not None:
+        sees_ctx &= t[None, None, :] >= anchor[..., None] - context_window
     mask = torch.cat([sees_ctx.repeat_interleave(b_n, dim=1), own.expand(s_n, -1, -1)], dim=-1)
     context_pos = t[None, :].expand(s_n, t_n).contiguous()
     return TrainBatch(context, context_pos, block_ids.view(s_n, a_n * b_n), block_pos.view(s_n, a_n * b_n),

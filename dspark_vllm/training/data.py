@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..layer_taps import LayerTaps
 from ..prompts import encode_chat, load_prompts
 
 
@@ -171,13 +172,14 @@ class FeatureShard:
 @torch.no_grad()
 def capture_features(model, samples: list[Sample], layer_ids: list[int], batch_tokens: int = 4096) -> FeatureShard:
     """Run the target over each sample once and keep the drafter's inputs:
-    raw outputs of ``layer_ids`` (HF hidden_states[id + 1]) and the final normed hidden state.
+    raw outputs of ``layer_ids`` (by :class:`LayerTaps`) and the final normed hidden state.
     Runs on the model's device; the shard is returned on the CPU."""
     device = next(model.parameters()).device
     toks, feats, lasts, masks, offsets = [], [], [], [], [0]
     batches = length_batches([len(s.tokens) for s in samples], batch_tokens)
     results: dict[int, tuple] = {}
     bar = tqdm(total=sum(len(s.tokens) for s in samples), desc="target features", unit="tok")
+    taps = LayerTaps(model, layer_ids)
     for batch in batches:
         width = max(len(samples[i].tokens) for i in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -186,15 +188,14 @@ def capture_features(model, samples: list[Sample], layer_ids: list[int], batch_t
             t = samples[i].tokens
             ids[r, : len(t)] = torch.tensor(t)
             att[r, : len(t)] = 1
-        out = model.model(input_ids=ids.to(device), attention_mask=att.to(device), output_hidden_states=True,
-                          use_cache=False)
-        hs = out.hidden_states
-        cat = torch.cat([hs[i + 1] for i in layer_ids], dim=-1)
+        out = model.model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False)
+        cat = taps.features()
         for r, i in enumerate(batch):
             n = len(samples[i].tokens)
             results[i] = (cat[r, :n].half().cpu(), out.last_hidden_state[r, :n].half().cpu())
             bar.update(n)
     bar.close()
+    taps.remove()
     for i, s in enumerate(samples):
         f, last = results[i]
         toks.append(torch.tensor(s.tokens))

@@ -17,8 +17,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..backbone import rotary_cos_sin
-from ..checkpoint import save_checkpoint
 from ..drafter import DSparkDrafter
 from .batch import TrainBatch, build_batch, sample_candidates
 from .data import FeatureShard
@@ -81,17 +79,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def packed_hidden(drafter: DSparkDrafter, batch: TrainBatch) -> torch.Tensor:
-    """Final-normed block hidden states [S*A, B, H]; block b of row s equals what
-    ``forward_block`` gives at inference with context = that row's positions < anchor."""
-    ctx = drafter.fuse_context(batch.context)
-    cos_c, sin_c = rotary_cos_sin(drafter.rotary_emb, drafter.family, ctx, batch.context_pos)
-    x = drafter.embed_tokens(batch.block_ids).to(drafter.dtype)
-    cos_b, sin_b = rotary_cos_sin(drafter.rotary_emb, drafter.family, x, batch.block_pos)
-    for layer in drafter.layers:
-        ck, cv = layer.self_attn.project_kv(ctx, cos_c, sin_c)
-        x = layer(x, cos_b, sin_b, ck, cv, batch.mask)
+    """Block hidden states [S*A, B, H]; block b of row s equals what ``forward_block`` gives at
+    inference with context = that row's positions before its anchor."""
+    hidden = drafter.packed_block_hidden(batch.context, batch.context_pos, batch.block_ids, batch.block_pos,
+                                         batch.mask)
     s_n, a_n, b_n = batch.labels.shape
-    return drafter.norm(x).view(s_n * a_n, b_n, -1)
+    return hidden.view(s_n * a_n, b_n, -1)
 
 
 def teacher_forced_outputs(drafter: DSparkDrafter, batch: TrainBatch, vocab: torch.Tensor | None = None):
@@ -121,7 +114,7 @@ def target_logits(drafter: DSparkDrafter, batch: TrainBatch, block_index: torch.
     """The target's own logits at each supervised label: frozen lm_head on its last hidden state."""
     s_n, a_n, b_n = batch.labels.shape
     th = batch.target_hidden.view(s_n * a_n, b_n, -1)[block_index, pos]
-    return drafter.base_logits(th.to(drafter.dtype), vocab)
+    return drafter.lm_logits(th.to(drafter.dtype), vocab)
 
 
 def feature_scale(shard: FeatureShard, sample: int = 20000) -> torch.Tensor:
@@ -175,11 +168,11 @@ class Trainer:
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self) -> None:
-        fc = self.drafter.fc.weight
+        fc = self.drafter.context_proj.weight
         with torch.no_grad():
             trained = fc.detach().clone()
             fc.div_(self.feature_scale)  # fold the input scaling back: the checkpoint takes raw features
-            save_checkpoint(self.drafter, self.out, shared_embeddings=True)
+            self.drafter.save_trained(self.out)
             fc.copy_(trained)
         torch.save({"step": self.step, "optimizer": self.opt.state_dict(), "generator": self.gen.get_state(),
                     "elapsed": self.elapsed, "config": asdict(self.cfg)}, self.out / STATE_FILE)
@@ -188,11 +181,9 @@ class Trainer:
         path = self.out / STATE_FILE
         if not path.exists():
             return False
-        from ..checkpoint import load_weights_into
-
-        load_weights_into(self.drafter, self.out)
+        self.drafter.load_trained(self.out)
         with torch.no_grad():
-            self.drafter.fc.weight.mul_(self.feature_scale)
+            self.drafter.context_proj.weight.mul_(self.feature_scale)
         state = torch.load(path, weights_only=False, map_location=self.device)
         self.opt.load_state_dict(state["optimizer"])
         self.gen.set_state(state["generator"].cpu())
@@ -205,7 +196,8 @@ class Trainer:
         cfg = self.cfg
         seqs = torch.randint(0, self.shard.num_samples, (cfg.seqs_per_step,), generator=self.gen).tolist()
         batch = build_batch(self.shard, seqs, cfg.anchors_per_seq, self.drafter.block_size,
-                            self.drafter.config.mask_token_id, self.gen, self.candidates)
+                            self.drafter.config.mask_token_id, self.gen, self.candidates,
+                            context_window=self.drafter.context_window)
         batch.context = batch.context.float() / self.feature_scale
         vocab = self.step_vocabulary()
         logits, conf, block_index, pos, n_blocks = teacher_forced_outputs(self.drafter, batch, vocab)

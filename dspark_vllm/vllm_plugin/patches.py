@@ -18,13 +18,12 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import LOGGER_NAME
 from .runner_io import read_step, target_bytes_per_token, write_drafts
-from .startup import ENV_BACKEND, is_deepspec_checkpoint, prepare_speculative_config
+from .startup import claims, prepare_speculative_config
 
 logger = logging.getLogger(LOGGER_NAME)
 WRAPPED = "_dspark_wrapped"  # marks an installed wrapper (install is idempotent)
@@ -39,12 +38,12 @@ def _is_ours(runner) -> bool:
 
 # ---- start-up ------------------------------------------------------------------------------
 def wrap_speculative_config(original: Callable) -> Callable:
-    """A ``method: dspark`` config pointing at one of our checkpoints is validated and routed to
-    our proposer before vLLM's own post-init sees it."""
+    """A ``method: dspark`` config pointing at one of our checkpoints (or, without a drafter path,
+    at a DeepSeek-V4 target carrying one) is validated and routed to our proposer before vLLM's
+    own post-init sees it."""
 
     def __post_init__(self, *args, **kwargs):
-        if (self.method == "dspark" and os.environ.get(ENV_BACKEND) != "upstream"
-                and is_deepspec_checkpoint(self.model)):
+        if claims(self):
             prepare_speculative_config(self)
         return original(self, *args, **kwargs)
 

@@ -49,7 +49,7 @@ from ..scheduler import CostProfile, DraftPlan, StepLoad, VerifyLengthScheduler
 from . import LOGGER_NAME
 from .metrics import ProposerMetrics
 from .runner_io import KVLayout, StepDrafts, StepInput, kv_layout
-from .startup import WorkerSettings
+from .startup import IN_TARGET_V4, WorkerSettings
 from .step_trace import StepTrace
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -72,6 +72,16 @@ def oracle_from_env(block_size: int, vocab_size: int) -> OracleDrafts | None:
         return None
     corrupt = os.environ.get(ENV_ORACLE_CORRUPT)
     return OracleDrafts.from_json(path, block_size, vocab_size, int(corrupt) if corrupt not in (None, "") else None)
+
+
+def load_drafter(worker: WorkerSettings, dtype: torch.dtype | None, draft_vocab_size: int | None):
+    """The drafter the settings name: a DeepSpec folder, or the stages inside a DeepSeek-V4 target
+    (whose embedding and LM head are bound from the served target in :meth:`DSparkV1Proposer.load_model`)."""
+    if worker.drafter_format == IN_TARGET_V4:
+        from ..v4.loader import load_v4_drafter
+
+        return load_v4_drafter(worker.checkpoint, dtype=dtype, bind_embeddings=False)
+    return load_checkpoint(worker.checkpoint, dtype=dtype, draft_vocab_size=draft_vocab_size)
 
 
 def target_embedding_weights(target_model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +111,8 @@ class DSparkV1Proposer:
         self.vllm_config = vllm_config
         self.settings = worker.dspark_settings()
         dtype = vllm_config.model_config.dtype
-        self.drafter = load_checkpoint(worker.checkpoint, dtype=dtype if isinstance(dtype, torch.dtype) else None,
-                                       draft_vocab_size=self.settings.draft_vocab_size)
+        self.drafter = load_drafter(worker, dtype if isinstance(dtype, torch.dtype) else None,
+                                    self.settings.draft_vocab_size)
         self.block_size = self.drafter.block_size
         cost = CostProfile.load(worker.cost_profile) if worker.cost_profile else None
         self.scheduler = VerifyLengthScheduler.from_settings(self.settings, self.block_size, worker.checkpoint,
@@ -255,8 +265,8 @@ class DSparkV1Proposer:
         index = to_device(np.concatenate([starts[owner] + within, step.first_pos[rows][owner] + within]),
                           step.features.device)
         take, positions = index[: len(owner)], index[len(owner):]
-        self.context.push_step([s.key for s in states], step.features[take], valid.tolist(),
-                               step.slot_mapping[take], positions)
+        self.context.push_step([s.key for s in states], self.drafter.target_features(step.features[take]),
+                               valid.tolist(), step.slot_mapping[take], positions)
         drafting = [j for j, i in enumerate(rows) if step.sampled[i]]
         return [int(rows[j]) for j in drafting], [states[j] for j in drafting], hit
 

@@ -25,6 +25,8 @@ ENV_CONFIG = "DSPARK_VLLM_CONFIG"    # user's choice of YAML settings (a path or
 ENV_BACKEND = "DSPARK_VLLM_BACKEND"  # "upstream": leave method=dspark to vLLM (MRV2 on CUDA)
 ENV_WORKER = "DSPARK_VLLM_WORKER"    # WorkerSettings JSON, written here, read by the proposer
 SETTINGS_IN_CHECKPOINT = "dspark.yaml"
+DEEPSPEC = "deepspec"          # a separate DeepSpec drafter folder (Qwen3 / Gemma4 targets)
+IN_TARGET_V4 = "deepseek_v4"   # DeepSeek-V4: the drafter ships inside the target checkpoint
 
 
 class DSparkStartupError(ValueError):
@@ -35,10 +37,11 @@ class DSparkStartupError(ValueError):
 class WorkerSettings:
     """Everything the worker-side proposer needs, validated once at start-up."""
 
-    checkpoint: str
+    checkpoint: str          # the drafter's folder (for DeepSeek-V4: the target's, holding mtp.*)
     settings: dict           # DSparkSettings.model_dump()
     settings_source: str | None = None
     cost_profile: str | None = None  # profile measured at start-up (scheduler.profile_at_startup)
+    drafter_format: str = DEEPSPEC   # DEEPSPEC folder, or IN_TARGET_V4 (the target's mtp.* stages)
 
     def dspark_settings(self) -> DSparkSettings:
         return settings_from_dict(self.settings, self.settings_source or "<dict>")
@@ -59,9 +62,9 @@ class WorkerSettings:
         return cls(**json.loads(raw))
 
     @classmethod
-    def for_checkpoint(cls, checkpoint: str | Path, settings: DSparkSettings,
-                       cost_profile: str | None = None) -> "WorkerSettings":
-        return cls(str(checkpoint), settings.model_dump(), settings.source, cost_profile)
+    def for_checkpoint(cls, checkpoint: str | Path, settings: DSparkSettings, cost_profile: str | None = None,
+                       drafter_format: str = DEEPSPEC) -> "WorkerSettings":
+        return cls(str(checkpoint), settings.model_dump(), settings.source, cost_profile, drafter_format)
 
 
 def settings_path(checkpoint: str | None) -> Path:
@@ -90,23 +93,63 @@ def is_deepspec_checkpoint(model: str | None) -> bool:
     return bool(set(archs) & set(SUPPORTED_ARCHS))
 
 
+def is_v4_target(spec) -> bool:
+    """A dspark config without a drafter path on a DeepSeek-V4 target (whose checkpoint carries it)."""
+    if spec.target_model_config is None or spec.model not in (None, spec.target_model_config.model):
+        return False
+    from ..v4 import is_deepseek_v4_config
+
+    hf = spec.target_model_config.hf_config
+    return is_deepseek_v4_config(hf.to_dict() if hasattr(hf, "to_dict") else dict(hf))
+
+
+def claims(spec) -> bool:
+    """Whether the plugin serves this speculative config (else vLLM's own path does)."""
+    if spec.method != "dspark" or os.environ.get(ENV_BACKEND) == "upstream":
+        return False
+    return is_deepspec_checkpoint(spec.model) or is_v4_target(spec)
+
+
+def _deepspec_block_size(spec, settings: DSparkSettings, checkpoint: str) -> int:
+    config = load_config(checkpoint)
+    requested = spec.num_speculative_tokens or settings.num_speculative_tokens
+    target = spec.target_model_config.hf_config if spec.target_model_config is not None else None
+    require_confidence_head(settings.scheduler.policy, config.enable_confidence_head)
+    if target is not None:
+        validate_against_target(config, target, requested)
+    else:
+        validate_block_size(config, requested)
+    return config.block_size
+
+
+def _v4_block_size(spec, settings: DSparkSettings, checkpoint: str) -> int:
+    from ..v4.loader import check_v4_checkpoint
+
+    config, _ = check_v4_checkpoint(checkpoint)
+    require_confidence_head(settings.scheduler.policy, config.enable_confidence_head)
+    requested = spec.num_speculative_tokens or settings.num_speculative_tokens
+    if requested is not None and int(requested) != config.block_size:
+        raise CheckpointMismatchError(f"num_speculative_tokens is {requested} but the DeepSeek-V4 drafter was trained "
+                                      f"with dspark_block_size {config.block_size}: set it to {config.block_size} (or "
+                                      "leave it unset) and trim verification with the scheduler policy instead")
+    return config.block_size
+
+
 def prepare_speculative_config(spec) -> None:
     """Validate a dspark SpeculativeConfig, export the worker's settings and route the config
     to our V1 proposer through vLLM's ``custom_class`` method (mutates ``spec``)."""
     from . import check_vllm_version
 
     check_vllm_version()
-    checkpoint = str(Path(spec.model).expanduser().resolve())
+    in_target = is_v4_target(spec)
+    source = spec.target_model_config.model if in_target else spec.model
+    checkpoint = str(Path(source).expanduser().resolve())
     try:
-        config = load_config(checkpoint)
+        if not Path(checkpoint).is_dir():
+            raise FileNotFoundError(f"{source} is not a local folder; DSpark reads the drafter from the checkpoint "
+                                    "folder (download it first, e.g. `huggingface-cli download`)")
         settings = load_settings(settings_path(checkpoint))
-        requested = spec.num_speculative_tokens or settings.num_speculative_tokens
-        target = spec.target_model_config.hf_config if spec.target_model_config is not None else None
-        require_confidence_head(settings.scheduler.policy, config.enable_confidence_head)
-        if target is not None:
-            validate_against_target(config, target, requested)
-        else:
-            validate_block_size(config, requested)
+        block = (_v4_block_size if in_target else _deepspec_block_size)(spec, settings, checkpoint)
     except (CheckpointMismatchError, DSparkConfigError, SettingsError, FileNotFoundError, ValueError) as exc:
         raise DSparkStartupError(f"DSpark start-up failed: {exc}") from None
     profile = None
@@ -116,7 +159,7 @@ def prepare_speculative_config(spec) -> None:
         dtype = str(spec.target_model_config.dtype).replace("torch.", "")
         profile = str(ensure_startup_profile(spec.target_model_config.model, settings.scheduler.profile_max_tokens,
                                              dtype))
-    WorkerSettings.for_checkpoint(checkpoint, settings, profile).export()
-    spec.num_speculative_tokens = config.block_size
+    WorkerSettings.for_checkpoint(checkpoint, settings, profile, IN_TARGET_V4 if in_target else DEEPSPEC).export()
+    spec.num_speculative_tokens = block
     spec.method = "custom_class"
     spec.model = PROPOSER_PATH
