@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .prompts import SHARED_DATASETS, TRAIN_WINDOWS
+
 DEMO_PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
     "Write a Python function that returns the sum of a list of numbers.",
@@ -223,8 +225,7 @@ def cmd_build_drafter(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_TRAIN_DATA = ["gsm8k.jsonl:0:520", "mbpp.jsonl:0:200", "math500.jsonl:0:120",
-                      "livecodebench.jsonl:0:40", "arena-hard-v2.jsonl:0:60"]
+DEFAULT_TRAIN_DATA = [f"{name}.jsonl:{lo}:{hi}" for name, (lo, hi) in TRAIN_WINDOWS.items()]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -338,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="drafter folder (resumes if it holds trainer_state.pt)")
     train.add_argument("--data", action="append", help="path.jsonl[:start:stop], repeatable "
                        f"(default: {' '.join(DEFAULT_TRAIN_DATA)})")
-    train.add_argument("--datasets-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+    train.add_argument("--datasets-dir", default=str(SHARED_DATASETS))
     train.add_argument("--data-dir", help="cache folder for answers/features (default: OUT/data)")
     train.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"], help="answer generation")
     train.add_argument("--max-new-tokens", type=int, default=256)

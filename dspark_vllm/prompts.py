@@ -31,3 +31,32 @@ def load_prompts(path: str | Path, limit: int | None = None, offset: int = 0) ->
             if turns:
                 out.append(str(turns[0]))
     return out
+
+
+# The shared prompt sets (DeepSpec JSONL), beside the repository checkout.
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+# Prompt windows the shipped drafter trains on (``dspark-vllm train`` defaults).
+TRAIN_WINDOWS = {"gsm8k": (0, 520), "mbpp": (0, 200), "math500": (0, 120), "livecodebench": (0, 40),
+                 "arena-hard-v2": (0, 60)}
+
+
+def count_prompts(path: str | Path) -> int:
+    with open(path) as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def held_out_specs(root: str | Path = SHARED_DATASETS, size: int = 12) -> list[str]:
+    """``path:start:stop`` of the last ``size`` prompts of every prompt set in ``root``: never
+    inside a training window, so every set (chat included) is measured on prompts the drafter
+    did not see."""
+    specs = []
+    for path in sorted(Path(root).glob("*.jsonl")):
+        total = count_prompts(path)
+        start = max(total - size, 0)
+        train = TRAIN_WINDOWS.get(path.stem)
+        if train is not None and start < train[1]:
+            raise ValueError(f"{path.name} has {total} prompts: its last {size} overlap the training window {train}")
+        specs.append(f"{path}:{start}:{total}")
+    if not specs:
+        raise FileNotFoundError(f"no *.jsonl prompt sets in {root}")
+    return specs

@@ -2,6 +2,7 @@
 
     python -m dspark_vllm.bench.acceptance --drafter dspark=PATH --drafter dflash=PATH \\
         --data gsm8k.jsonl:1280:1300 --data mbpp.jsonl:230:250 --temperatures 0 1 --plot acc.png
+    python -m dspark_vllm.bench.acceptance --drafter dspark=PATH --suite   # every shared set, T=0 and 1
 
 Every drafter decodes the same held-out prompts (batch 1, the DeepSpec evaluator's setting)
 through the reference decoder over the HF target, verifying the full block (policy fixed), so
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..prompts import SHARED_DATASETS, held_out_specs
 from .report import benchmark_parser, run_benchmark, save_figure
 
 
@@ -128,7 +130,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="NAME=PATH[#K], repeatable; #K drafts from the first K ids of PATH/draft_vocab.json (#0: all)")
     p.add_argument("--draft-vocab-size", type=int, default=None,
                    help="default K for every drafter (unset: the whole draft_vocab.json if present)")
-    p.add_argument("--data", action="append", required=True, help="path.jsonl[:start:stop] (held-out prompts)")
+    p.add_argument("--data", action="append", help="path.jsonl[:start:stop] (held-out prompts), repeatable")
+    p.add_argument("--suite", action="store_true",
+                   help="every prompt set in --datasets-dir on its held-out window (the last --suite-size prompts, "
+                        "never in a training window), at each --temperature; prints one table, writes --plot "
+                        "(default acceptance-suite.png)")
+    p.add_argument("--suite-size", type=int, default=12)
+    p.add_argument("--datasets-dir", default=str(SHARED_DATASETS))
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--depth", type=int, default=None,
@@ -136,7 +144,34 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: each drafter's trained block size)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    return run_benchmark(p, argv, run, plot)
+    return run_benchmark(p, argv, run_suite_or_data, plot)
+
+
+def run_suite_or_data(args: argparse.Namespace) -> dict:
+    """``--suite`` fills ``--data`` with every held-out window and ends with the summary table."""
+    if args.suite:
+        args.data = held_out_specs(args.datasets_dir, args.suite_size) + (args.data or [])
+        args.plot = args.plot or "acceptance-suite.png"
+    elif not args.data:
+        raise SystemExit("bench acceptance: give --data path.jsonl[:start:stop] (repeatable) or --suite")
+    results = run(args)
+    if args.suite:
+        print(suite_table(results["rows"]))
+    return results
+
+
+def suite_table(rows: list[dict]) -> str:
+    """tau per dataset (rows) and drafter x temperature (columns), plus the worst of each column."""
+    columns = list(dict.fromkeys((r["drafter"], r["temperature"]) for r in rows))
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    tau = {(r["dataset"], r["drafter"], r["temperature"]): r["tau"] for r in rows}
+    head = f"{'dataset':>16} " + " ".join(f"{f'{d} T={t:g}':>16}" for d, t in columns)
+    lines = ["", "acceptance length tau (DeepSpec definition), held-out windows:", head]
+    for ds in datasets:
+        lines.append(f"{ds:>16} " + " ".join(f"{tau.get((ds, d, t), float('nan')):>16.3f}" for d, t in columns))
+    lines.append(f"{'min':>16} " + " ".join(f"{min(tau[(ds, d, t)] for ds in datasets if (ds, d, t) in tau):>16.3f}"
+                                            for d, t in columns))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

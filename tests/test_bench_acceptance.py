@@ -1,0 +1,52 @@
+"""The acceptance benchmark's suite: held-out windows of every shared prompt set, one table."""
+
+import json
+
+import pytest
+
+from dspark_vllm.bench.acceptance import main, suite_table
+from dspark_vllm.prompts import TRAIN_WINDOWS, held_out_specs
+
+
+def write_set(folder, name: str, n: int) -> None:
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps({"turns": [f"{name} question {i}?"]}) + "\n"
+                                                  for i in range(n)))
+
+
+def test_held_out_windows_cover_every_set_and_never_touch_training(tmp_path):
+    write_set(tmp_path, "gsm8k", 600)  # trains on 0-519
+    write_set(tmp_path, "chat", 20)     # no training window
+    specs = held_out_specs(tmp_path, 12)
+    assert specs == [f"{tmp_path}/chat.jsonl:8:20", f"{tmp_path}/gsm8k.jsonl:588:600"]
+    assert 588 >= TRAIN_WINDOWS["gsm8k"][1]
+
+
+def test_a_window_overlapping_training_is_refused(tmp_path):
+    (tmp_path / "mbpp.jsonl").write_text("".join(json.dumps({"turns": [f"q{i}"]}) + "\n" for i in range(205)))
+    with pytest.raises(ValueError, match="overlap the training window"):
+        held_out_specs(tmp_path, 12)
+
+
+def test_suite_table_lists_every_dataset_and_the_worst():
+    rows = [{"dataset": d, "drafter": "dspark", "temperature": t, "tau": tau}
+            for d, t, tau in (("gsm8k", 0.0, 3.1), ("chat", 0.0, 1.4), ("gsm8k", 1.0, 2.5), ("chat", 1.0, 1.2))]
+    table = suite_table(rows).splitlines()
+    assert "dspark T=0" in table[2] and "dspark T=1" in table[2]
+    assert table[-1].split() == ["min", "1.400", "1.200"]
+
+
+@pytest.mark.slow
+def test_suite_runs_the_shipped_drafter_on_every_set(tmp_path, capsys):
+    from dspark_vllm.drafters import SMOLLM2_DRAFTER
+
+    sets = tmp_path / "sets"
+    sets.mkdir()
+    for name in ("chat", "math"):
+        write_set(sets, name, 5)
+    out = tmp_path / "suite.json"
+    main(["--drafter", f"dspark={SMOLLM2_DRAFTER}", "--suite", "--suite-size", "1", "--datasets-dir", str(sets),
+          "--max-new-tokens", "6", "--temperatures", "0", "1", "--json", str(out), "--plot", str(tmp_path / "s.png")])
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["dataset"], r["temperature"]) for r in rows} == {(d, t) for d in ("chat", "math") for t in (0.0, 1.0)}
+    assert all(r["tau"] >= 1.0 for r in rows) and all(r["identical_to_plain"] for r in rows if r["temperature"] == 0)
+    assert (tmp_path / "s.png").exists() and "held-out windows" in capsys.readouterr().out
