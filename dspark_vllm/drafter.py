@@ -342,8 +342,9 @@ class DSparkDrafter(nn.Module):
         ``depth`` D <= B drafts only the first D positions (tokens [N, D]; see :meth:`forward_block`).
 
         fused=True samples through ``dspark_vllm.kernels.markov_sample`` (Triton on CUDA, the
-        PyTorch reference elsewhere; Gumbel-max with per-request ``seeds``) when the head allows;
-        gated and RNN heads always use the PyTorch loop. With a draft vocabulary (see
+        PyTorch reference elsewhere) when the head allows; gated and RNN heads always use the
+        PyTorch loop. Either way, given per-request ``seeds`` [N] a row's draft is Gumbel-max with
+        noise that is a pure function of its seed (the same noise on both paths). With a draft vocabulary (see
         :meth:`set_draft_vocab`) logits cover only those ids; tokens come back as target ids and
         ``probs`` as full-vocabulary rows (zero outside the set). ``all_greedy`` says whether every
         temperature is 0 when the caller knows it from host data (else one device check)."""
@@ -360,7 +361,7 @@ class DSparkDrafter(nn.Module):
             if fused and self.can_fuse_sampling:
                 return self._propose_fused(base, hidden, anchor, temperature, generator, seeds, all_greedy)
             return sample_block(base, hidden, anchor, temperature, self.markov_head, self.confidence_head,
-                                self.config.confidence_head_with_markov, generator, greedy_all=all_greedy)
+                                self.config.confidence_head_with_markov, generator, greedy_all=all_greedy, seeds=seeds)
         ids, head_rows, w2_rows, w1_rows = self._draft_vocab_weights()
         base = self.base_logits(hidden, head_rows=head_rows)
         if fused and self.can_fuse_sampling:
@@ -368,7 +369,8 @@ class DSparkDrafter(nn.Module):
                                         (ids, w2_rows, w1_rows))
         else:
             block = sample_block(base, hidden, anchor, temperature, self.markov_head, self.confidence_head,
-                                 self.config.confidence_head_with_markov, generator, vocab=ids, greedy_all=all_greedy)
+                                 self.config.confidence_head_with_markov, generator, vocab=ids, greedy_all=all_greedy,
+                                 seeds=seeds)
         if block.probs is not None:
             full = block.probs.new_zeros(*block.probs.shape[:-1], self.config.vocab_size)
             full[..., ids] = block.probs

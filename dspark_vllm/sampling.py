@@ -18,6 +18,17 @@ from .heads import ConfidenceHead, MarkovHead
 
 GREEDY_EPS = 1e-5
 SEED_LIMIT = 2**31 - 1  # per-request draft seeds are drawn from [0, SEED_LIMIT): int32-safe in kernels
+_MASK64 = 2**64 - 1
+
+
+def derive_seed(seed: int, position: int) -> int:
+    """The draft seed of a seeded request's block anchored at ``position``: a splitmix64 mix of
+    both, in [0, SEED_LIMIT). A request's drafts are then a function of its own seed and
+    position only, whatever else shares the batch (and identical on every rank)."""
+    x = (seed * 0x9E3779B97F4A7C15 + position + 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) % SEED_LIMIT
 
 
 @dataclass
@@ -46,13 +57,15 @@ def safe_temperature(temperature: torch.Tensor) -> torch.Tensor:
 
 def sample_logits(
     logits: torch.Tensor, temperature: torch.Tensor, generator: torch.Generator | None = None,
-    greedy_all: bool | None = None,
+    greedy_all: bool | None = None, seeds: torch.Tensor | None = None, position: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of logits [N, V]; return (tokens [N], probs [N, V] fp32).
 
     probs is softmax(logits / T) for sampled rows and one-hot(argmax) for greedy rows, i.e.
     always the exact distribution the token was drawn from. ``greedy_all``: whether every
-    temperature is 0, when the caller already knows (else one device check).
+    temperature is 0, when the caller already knows (else one device check). With ``seeds`` [N]
+    the draw is Gumbel-max with the fused kernel's counter-based noise at block ``position``
+    (a pure function of the row's seed); else ``torch.multinomial`` with ``generator``.
     """
     logits = logits.float()
     greedy = is_greedy(temperature)
@@ -61,8 +74,14 @@ def sample_logits(
         greedy_all = bool(greedy.all())
     if greedy_all:  # fast path: no softmax, q is one-hot
         return argmax, torch.nn.functional.one_hot(argmax, logits.shape[-1]).float()
-    probs = torch.softmax(logits / safe_temperature(temperature)[:, None], dim=-1)
-    sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    scaled = logits * (1.0 / safe_temperature(temperature))[:, None]  # as the fused kernel scales
+    probs = torch.softmax(scaled, dim=-1)
+    if seeds is not None:
+        from .kernels.markov_reference import gumbel_noise
+
+        sampled = (scaled + gumbel_noise(seeds.to(logits.device), position, logits.shape[-1], logits.device)).argmax(-1)
+    else:
+        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     tokens = torch.where(greedy, argmax, sampled)
     one_hot = torch.nn.functional.one_hot(argmax, logits.shape[-1]).float()
     return tokens, torch.where(greedy[:, None], one_hot, probs)
@@ -79,12 +98,14 @@ def sample_block(
     generator: torch.Generator | None = None,
     vocab: torch.Tensor | None = None,
     greedy_all: bool | None = None,
+    seeds: torch.Tensor | None = None,
 ) -> DraftBlock:
     """Draft a block left to right.
 
     base_logits [N, B, V] (fp32, already soft-capped for Gemma4: the bias is added after),
     hidden [N, B, H] final-normed backbone states, anchor [N] the block's first input token,
-    temperature [N]. With ``vocab`` [K] (a draft vocabulary) base_logits are [N, B, K] over those
+    temperature [N]. ``seeds`` [N]: per-row draft seeds (see :func:`sample_logits`; the fused
+    kernel draws the same noise). With ``vocab`` [K] (a draft vocabulary) base_logits are [N, B, K] over those
     ids, tokens come back as target ids and probs stay [N, B, K] in vocab order.
     """
     n, block, _ = base_logits.shape
@@ -101,7 +122,7 @@ def sample_block(
         if greedy_all:  # q is one-hot and never materialised
             tok = logits.argmax(dim=-1)
         else:
-            tok, prob = sample_logits(logits, temperature, generator, greedy_all=False)
+            tok, prob = sample_logits(logits, temperature, generator, greedy_all=False, seeds=seeds, position=k)
             probs.append(prob)
         if vocab is not None:
             tok = vocab[tok]

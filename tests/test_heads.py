@@ -90,3 +90,24 @@ def test_sample_logits_mixed_batch_returns_exact_q():
     assert int(tokens[0]) == int(logits[0].argmax())
     assert probs[0, tokens[0]] == 1.0 and probs[0].sum() == 1.0
     torch.testing.assert_close(probs[1], torch.softmax(logits[1] / 0.7, -1))
+
+
+def test_seeded_draws_are_a_function_of_the_seed_and_follow_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(1, V).repeat(4000, 1)
+    temp = torch.full((4000,), 0.9)
+    seeds = torch.arange(4000)
+    tokens, probs = sample_logits(logits, temp, seeds=seeds, position=3)
+    again, _ = sample_logits(logits, temp, seeds=seeds, position=3)
+    assert torch.equal(tokens, again)
+    assert not torch.equal(tokens, sample_logits(logits, temp, seeds=seeds, position=4)[0])  # position matters
+    freq = torch.bincount(tokens, minlength=V).float() / 4000
+    assert (freq - probs[0]).abs().max() < 0.03  # 4,000 draws: a few standard errors of the largest cell
+
+
+def test_derive_seed_spreads_seed_and_position_over_the_int32_range():
+    from dspark_vllm.sampling import SEED_LIMIT, derive_seed
+
+    values = {derive_seed(seed, pos) for seed in range(50) for pos in range(50)}
+    assert len(values) == 2500 and all(0 <= v < SEED_LIMIT for v in values)
+    assert derive_seed(42, 17) == derive_seed(42, 17)

@@ -114,3 +114,21 @@ def test_fused_drafter_path_keeps_greedy_output(tiny_qwen3):
 
 def test_interpreter_env_is_what_ci_uses():
     assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_seeded_drafts_are_the_same_on_the_fused_and_the_loop_path(tiny_qwen3):
+    """A seeded request's draft depends on its seed only: the fused kernel and the PyTorch loop
+    draw the same Gumbel noise, and a different batch neighbour does not change it."""
+    from dspark_vllm.checkpoint import build_random_drafter
+
+    drafter = build_random_drafter(tiny_qwen3, num_layers=1, block_size=4, markov_rank=8)
+    torch.manual_seed(3)
+    cache = drafter.new_cache(2)
+    drafter.add_context(cache, torch.randn(2, 6, drafter.context_width), torch.tensor([6, 5]))
+    anchor, temp = torch.tensor([5, 9]), torch.tensor([1.0, 0.8])
+    loop = drafter.propose(anchor, cache, temp, fused=False, seeds=torch.tensor([11, 12])).tokens
+    fused = drafter.propose(anchor, cache, temp, fused=True, seeds=torch.tensor([11, 12])).tokens
+    other_neighbour = drafter.propose(anchor, cache, temp, fused=False, seeds=torch.tensor([11, 99])).tokens
+    assert torch.equal(loop, fused)
+    assert torch.equal(loop[0], other_neighbour[0])
+    assert not torch.equal(loop, drafter.propose(anchor, cache, temp, fused=False, seeds=torch.tensor([13, 14])).tokens)

@@ -309,3 +309,17 @@ def test_prefix_cache_hits_keep_acceptance_in_multi_turn_chat(smol):
     assert on["answers"] == off["answers"]
     assert on["turns"][1]["prefix_hit_rate"] > 0.3
     assert on["turns"][1]["tau"] == pytest.approx(off["turns"][1]["tau"], rel=0.05)
+
+
+def test_seeded_requests_give_the_same_text_twice_with_default_settings(smol):
+    """Four seeded requests at T=1 (default settings: the draft gate and adaptive depth decide
+    from clocks): the same texts in a second pass and in a second engine, and they drafted."""
+    from dspark_vllm.drafters import default_drafter_path
+
+    params = [{"temperature": 1.0, "seed": 100 + i, "max_tokens": 32, "ignore_eos": True} for i in range(4)]
+    runs = [run_engine(target=smol["target"], drafter=str(default_drafter_path()), prompts=smol["prompts"][:4],
+                       params=params, repeat=2) for _ in range(2)]
+    texts = [r["outputs"][0] for r in runs] + [r["outputs"][1] for r in runs]
+    assert all(t == texts[0] for t in texts)
+    assert len({tuple(t) for t in texts[0]}) == 4
+    assert runs[0]["metrics"]["vllm:spec_decode_num_drafts"] > 0

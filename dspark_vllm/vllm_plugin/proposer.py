@@ -44,7 +44,7 @@ from ..checkpoint import load_checkpoint
 from ..oracle import OracleDrafts
 from ..paged_context import PagedContextPool, PagedContextView, to_device
 from ..pending_context import PendingContext
-from ..sampling import GREEDY_EPS, SEED_LIMIT
+from ..sampling import GREEDY_EPS, SEED_LIMIT, derive_seed
 from ..scheduler import CostProfile, DraftPlan, StepLoad, VerifyLengthScheduler
 from . import LOGGER_NAME
 from .metrics import ProposerMetrics
@@ -279,17 +279,21 @@ class DSparkV1Proposer:
         out: list[list[int]] = [[] for _ in step.req_ids]
         ready = len(rows)
         plan = self._plan(len(step.req_ids), ready)
-        if plan.requests == 0:  # nothing to draft from, or gated: plain decoding this step
+        picked = plan.rows(ready) if plan.requests else []
+        depth = plan.depth or self.block_size
+        seeded = [j for j, i in enumerate(rows) if step.seeds[i] is not None]
+        if seeded:  # reproducible text: a seeded request verifies its whole block every step, whatever the clocks say
+            picked, depth = sorted(set(picked) | set(seeded)), self.block_size
+        if not picked:  # nothing to draft from, or gated: plain decoding this step
             self._flush(self.context.full_keys())
             if ready:
                 self.metrics.record_gated()
                 self.metrics.maybe_flush()
             self._trace_step(step, ready, 0, 0, None)
             return StepDrafts(out)
-        picked = plan.rows(ready)
         rows, states = [rows[j] for j in picked], [states[j] for j in picked]
         load = StepLoad(base_tokens=len(step.req_ids) - len(rows), max_num_tokens=self.max_num_tokens)
-        return self._draft(step, rows, states, plan.depth or self.block_size, load, ready, out)
+        return self._draft(step, rows, states, depth, load, ready, out)
 
     def _record_outcomes(self, step: StepInput, rows: list[int]) -> None:
         """Acceptance of the drafts each request had verified in the step that just ended."""
@@ -320,7 +324,7 @@ class DSparkV1Proposer:
         temps = self._draft_temperatures(step.temperatures[rows_np])
         all_greedy = bool((temps < GREEDY_EPS).all())
         temperature = to_device(temps.astype(np.float32), self.drafter.device)
-        seeds = torch.randint(0, SEED_LIMIT, (len(rows),), generator=self.seed_gen)
+        seeds = self._draft_seeds(step, rows, states)
         fused = self.drafter.can_fuse_sampling
         if not self._warmed_up:  # first-call allocations and weight gathers, then time d(R)
             self.drafter.propose(anchor, view, temperature, fused=fused, seeds=seeds, all_greedy=all_greedy)
@@ -332,7 +336,8 @@ class DSparkV1Proposer:
         tokens = block.tokens.tolist()  # host sync 1 of 2
         logits = None if block.confidence_logits is None else block.confidence_logits.float().numpy(force=True)  # 2
         conf = self.scheduler.confidences(logits)
-        lengths = [int(n) for n in self.scheduler.lengths(conf, req_ids, load=load, width=depth)]
+        lengths = [depth if step.seeds[i] is not None else int(n)
+                   for i, n in zip(rows, self.scheduler.lengths(conf, req_ids, load=load, width=depth))]
         draft_ms = (time.perf_counter() - t_draft) * 1000.0
         self.scheduler.observe_draft(conf, draft_ms)
         if self.oracle is not None:
@@ -349,6 +354,15 @@ class DSparkV1Proposer:
         self.metrics.maybe_flush()
         self._trace_step(step, ready, len(rows), depth, draft_ms)
         return StepDrafts(out, block.probs, req_ids if block.probs is not None else None)
+
+    def _draft_seeds(self, step: StepInput, rows: list[int], states: list[_RequestState]) -> torch.Tensor:
+        """[N] draft seeds: a seeded request's from its seed and anchor position (its drafts are
+        then reproducible), the others' from the proposer's generator."""
+        seeds = torch.randint(0, SEED_LIMIT, (len(rows),), generator=self.seed_gen)
+        for j, (i, state) in enumerate(zip(rows, states)):
+            if step.seeds[i] is not None:
+                seeds[j] = derive_seed(int(step.seeds[i]), state.next_pos)
+        return seeds
 
     def _flush(self, keys: list[int]) -> None:
         """Write the queued context of ``keys`` into the pool and tell the gate what it cost (a

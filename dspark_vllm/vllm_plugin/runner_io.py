@@ -35,6 +35,7 @@ class StepInput:
     block_table: torch.Tensor     # [R, W] block ids of each row (device)
     page_size: int                # tokens per block-table entry
     temperatures: np.ndarray      # [R]
+    seeds: list[int | None]       # [R] the request's sampling seed (None: unseeded)
     finished: set[str]
     total_tokens: int             # tokens the target processed this step
     history: Callable[[int], list[int]]  # row -> prompt + output tokens (host copy; test oracle only)
@@ -109,6 +110,7 @@ def read_step(runner, scheduler_output, sampled_token_ids, aux_hidden_states, gr
         slot_mapping=table.slot_mapping.gpu[:total],
         block_table=table.block_table.gpu[:n], page_size=int(table.block_size),
         temperatures=np.asarray(batch.temperature_cpu[:n], dtype=np.float64),
+        seeds=request_seeds(runner, req_ids),
         finished=set(scheduler_output.finished_req_ids),
         total_tokens=int(scheduler_output.total_num_scheduled_tokens),
         history=lambda row: token_history(runner, row))
@@ -120,6 +122,16 @@ def write_drafts(runner, drafts: StepDrafts) -> list[list[int]]:
     runner._draft_probs = None if drafts.probs is None else drafts.probs.to(runner.device)
     runner._draft_prob_req_ids = drafts.prob_req_ids
     return drafts.tokens
+
+
+def request_seeds(runner, req_ids: list[str]) -> list[int | None]:
+    """Each request's ``SamplingParams.seed`` (None when unseeded or unknown)."""
+    requests = getattr(runner, "requests", {})
+    seeds: list[int | None] = []
+    for req_id in req_ids:
+        params = getattr(requests.get(req_id), "sampling_params", None)
+        seeds.append(getattr(params, "seed", None))
+    return seeds
 
 
 def token_history(runner, row: int) -> list[int]:
