@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
 
-from dspark_vllm.vllm_plugin.runner_io import read_step, write_drafts
+from dspark_vllm.vllm_plugin.patches import propose_guarded
 
 PAGE = 16
 NUM_BLOCKS = 64
@@ -73,5 +73,5 @@ class StubRunner:
         aux = [torch.randn(total, width, generator=gen) for _ in proposer.drafter.config.target_layer_ids]
         if sampled is None:
             sampled = [[int(t)] for t in torch.randint(10, 1000, (len(ids),), generator=gen)]
-        step = read_step(self, out, sampled, aux, proposer.kv_group)
-        return write_drafts(self, proposer.propose_step(step)), aux
+        self.drafter = proposer
+        return propose_guarded(self, out, sampled, aux), aux

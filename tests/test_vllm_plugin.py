@@ -23,6 +23,7 @@ def run_engine(**args) -> dict:
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT "):])
             result["stderr"] = proc.stderr
+            result["log"] = proc.stdout + proc.stderr  # vLLM's loggers (ours included) print to stdout
             return result
     raise AssertionError(f"engine failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
 
@@ -323,3 +324,18 @@ def test_seeded_requests_give_the_same_text_twice_with_default_settings(smol):
     assert all(t == texts[0] for t in texts)
     assert len({tuple(t) for t in texts[0]}) == 4
     assert runs[0]["metrics"]["vllm:spec_decode_num_drafts"] > 0
+
+
+def test_faults_inside_dspark_cost_drafts_not_the_engine(smol, shipped, tmp_path):
+    """Faults planted in the drafter, the context queue, the scheduler and the metrics every few
+    calls: every request finishes greedy-identical, the faults are counted, drafting went on."""
+    faults = {"dspark_vllm.drafter.DSparkDrafter.propose": 3, "dspark_vllm.pending_context.PendingContext.flush": 5,
+              "dspark_vllm.scheduler.runtime.VerifyLengthScheduler.lengths": 7,
+              "dspark_vllm.vllm_plugin.metrics.ProposerMetrics.record_outcome": 4}
+    res = run_engine(target=smol["target"], drafter=shipped["drafter"], prompts=shipped["prompts"], max_tokens=48,
+                     max_num_seqs=16, block_size=32, faults=faults,
+                     env={**shipped["env"], "DSPARK_VLLM_METRICS_DIR": str(tmp_path)})
+    assert res["outputs"][0] == shipped["reference"]
+    assert res["dspark"]["faults"] >= 4
+    assert res["metrics"]["vllm:spec_decode_num_accepted_tokens"] > 0
+    assert res["log"].count("DSpark: drafting failed") == 4  # one log line per kind of fault

@@ -13,6 +13,22 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("DSPARK_VLLM_METRICS_FLUSH_S", "0")
 
 
+def plant_fault(dotted: str, every: int) -> None:
+    """Make the method at ``dotted`` (module.Class.method) raise on every ``every``-th call."""
+    from dspark_vllm.vllm_plugin.patches import resolve_owner
+
+    owner, name = resolve_owner(dotted)
+    original, calls = getattr(owner, name), [0]
+
+    def faulty(*a, **kw):
+        calls[0] += 1
+        if calls[0] % every == 0:
+            raise RuntimeError(f"planted fault #{calls[0]} in {dotted}")
+        return original(*a, **kw)
+
+    setattr(owner, name, faulty)
+
+
 def main() -> None:
     raw = sys.argv[1]
     args = json.loads(open(raw[1:]).read() if raw.startswith("@") else raw)  # @file: arguments too long for argv
@@ -21,6 +37,8 @@ def main() -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = str(value)
+    for dotted, every in (args.get("faults") or {}).items():  # fault injection: raise on every n-th call
+        plant_fault(dotted, int(every))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.v1.executor.uniproc_executor import UniProcExecutor

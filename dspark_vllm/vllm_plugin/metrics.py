@@ -20,7 +20,8 @@ Exported series (position k = 0-based draft index):
   ``dspark:served_cost_scale`` the learned ratio of served step time to the profiled forward
   (multiplies the cost curve; see ``scheduler/step_cost.py``); ``dspark:verify_step_premium``
   the learned extra cost of a step that verifies drafts over a plain one (the draft gate
-  charges it; 1.0 until learned).
+  charges it; 1.0 until learned); ``dspark:step_faults_total`` steps whose drafting failed inside
+  DSpark and ran without drafts (the log names the first fault of each kind).
 * ``dspark:position_reached_total{position}`` drafts at k verified after an accepted prefix,
   ``dspark:position_accepted_total{position}`` those accepted, and
   ``dspark:conditional_acceptance{position}`` = accepted / reached (paper Fig. 2).
@@ -59,6 +60,7 @@ class ProposerMetrics:
         self.block_size = block_size
         self.steps = 0
         self.gated = 0
+        self.faults = 0
         self.cost_scale = 1.0
         self.verify_premium = 1.0
         self.drafted = 0
@@ -88,6 +90,9 @@ class ProposerMetrics:
     def record_gated(self) -> None:
         self.gated += 1
 
+    def record_fault(self) -> None:
+        self.faults += 1
+
     def record_learned(self, cost_scale: float | None, verify_premium: float | None) -> None:
         """The scheduler's learned step-cost factors (1.0 while unknown)."""
         self.cost_scale = 1.0 if cost_scale is None else cost_scale
@@ -101,7 +106,8 @@ class ProposerMetrics:
             self.confidence_sum[k] += float(confidences[k])
 
     def snapshot(self) -> dict:
-        return {"block_size": self.block_size, "steps": self.steps, "gated": self.gated, "drafted": self.drafted,
+        return {"block_size": self.block_size, "steps": self.steps, "gated": self.gated, "faults": self.faults,
+                "drafted": self.drafted,
                 "cost_scale": self.cost_scale, "verify_premium": self.verify_premium,
                 "admitted": self.admitted, "reached": self.reached, "accepted": self.accepted,
                 "confidence_sum": self.confidence_sum, "context_pool_bytes": self.context_pool_bytes}
@@ -132,7 +138,7 @@ def merge_snapshots(folder: Path) -> dict | None:
         if total is None:
             total = snap
             continue
-        for key in ("steps", "gated", "drafted", "admitted", "context_pool_bytes"):
+        for key in ("steps", "gated", "faults", "drafted", "admitted", "context_pool_bytes"):
             total[key] = total.get(key, 0) + snap.get(key, 0)
         total["cost_scale"] = max(total.get("cost_scale", 1.0), snap.get("cost_scale", 1.0))
         total["verify_premium"] = max(total.get("verify_premium", 1.0), snap.get("verify_premium", 1.0))
@@ -158,6 +164,8 @@ class DSparkCollector:
             return
         for name, key, doc in (("draft_steps", "steps", "steps in which DSpark drafted"),
                                ("gated_steps", "gated", "steps the draft gate skipped (drafting could not pay)"),
+                               ("step_faults", "faults", "steps whose drafting failed inside DSpark (served "
+                                "without drafts)"),
                                ("drafted_tokens", "drafted", "draft tokens produced by the drafter"),
                                ("admitted_draft_tokens", "admitted", "draft tokens kept by the verify-length policy")):
             yield CounterMetricFamily(PREFIX + name, doc, value=snap.get(key, 0))

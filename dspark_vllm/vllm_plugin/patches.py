@@ -127,10 +127,21 @@ def wrap_propose(original: Callable) -> Callable:
         if not _is_ours(self):
             return original(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
                             sample_hidden_states, aux_hidden_states, *args, **kwargs)
-        step = read_step(self, scheduler_output, sampled_token_ids, aux_hidden_states, self.drafter.kv_group)
-        return write_drafts(self, self.drafter.propose_step(step))
+        return propose_guarded(self, scheduler_output, sampled_token_ids, aux_hidden_states)
 
     return propose_draft_token_ids
+
+
+def propose_guarded(runner, scheduler_output, sampled_token_ids, aux_hidden_states) -> list[list[int]]:
+    """The plugin boundary of a step: a fault inside DSpark costs this step its drafts, never the
+    engine or a request (``DSparkV1Proposer.step_failed``)."""
+    proposer = runner.drafter
+    try:
+        step = read_step(runner, scheduler_output, sampled_token_ids, aux_hidden_states, proposer.kv_group)
+        drafts = proposer.propose_step(step)
+    except Exception as exc:  # noqa: BLE001 - any fault in drafting must leave serving intact
+        drafts = proposer.step_failed(exc, list(runner.input_batch.req_ids))
+    return write_drafts(runner, drafts)
 
 
 def _plain_sampling_suffices(spec_decode_metadata, sampling_metadata) -> bool:

@@ -96,6 +96,19 @@ def target_embedding_weights(target_model) -> tuple[torch.Tensor, torch.Tensor]:
     return embed.weight, (head_weight if isinstance(head_weight, torch.Tensor) else embed.weight)
 
 
+def _fault_site(exc: BaseException) -> str:
+    """file:line:function of the innermost frame of ``exc``'s traceback inside this package
+    (a fault deep in torch is named by the DSpark line that called into it)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tb, site = exc.__traceback__, "?"
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if site == "?" or os.path.abspath(code.co_filename).startswith(package):
+            site = f"{os.path.basename(code.co_filename)}:{tb.tb_lineno}:{code.co_name}"
+        tb = tb.tb_next
+    return site
+
+
 @dataclass
 class _RequestState:
     key: int        # this request's queue in PendingContext
@@ -138,6 +151,7 @@ class DSparkV1Proposer:
         self.trace = StepTrace.from_env()  # DSPARK_VLLM_STEP_TRACE: one JSON line per step
         self._last_step: tuple[float | None, int] = (None, 0)  # (ms, verified drafts) of the step that just ended
         self._ingest_ms: float | None = None  # context flushed during the current call (tracing)
+        self._faults_seen: set[tuple[str, str]] = set()  # (exception type, code site) already logged
         logger.info("DSpark proposer: %s, block %d, policy %s", worker.checkpoint, self.block_size,
                     self.settings.scheduler.policy)
 
@@ -202,6 +216,32 @@ class DSparkV1Proposer:
             return self._propose(step)
         finally:
             self._step_end = time.perf_counter()
+
+    def step_failed(self, exc: BaseException, req_ids: list[str]) -> StepDrafts:
+        """The plugin boundary's answer to a fault anywhere in a step (reading it, context,
+        scheduler, drafter, metrics): no drafts this step, so the target decodes plainly.
+
+        Per-request state is dropped (a half-updated queue must not be drafted from); requests
+        that stay start again from their next position and read what the pool already holds,
+        which only affects acceptance. Each kind of fault is logged once with its traceback and
+        the step's request ids; every fault is counted in ``dspark:step_faults_total``."""
+        kind = (type(exc).__name__, _fault_site(exc))
+        try:
+            if kind not in self._faults_seen:
+                self._faults_seen.add(kind)
+                logger.error("DSpark: drafting failed at %s (%s: %s) for requests %s; serving this step without "
+                             "drafts (logged once per kind; counted in dspark:step_faults_total)", kind[1], kind[0],
+                             exc, req_ids[:16], exc_info=exc)
+            self.requests.clear()
+            self.pending.clear()
+            self._handed_out = 0
+            if self.pool is not None:
+                self.context = PendingContext(self.drafter, self.pool)
+            self.metrics.record_fault()
+            self.metrics.maybe_flush()
+        except Exception:  # noqa: BLE001 - the recovery itself must never take a step down
+            logger.debug("DSpark: recovering from a step fault failed", exc_info=True)
+        return StepDrafts([[] for _ in req_ids])
 
     def _observe_last_step(self, num_tokens: int) -> None:
         """The engine step that just ended verified the drafts handed out by the last call."""
