@@ -42,8 +42,29 @@ def test_wrong_block_size_and_missing_handover_are_explained(monkeypatch):
         startup.WorkerSettings.from_env()
 
 
-def test_only_our_checkpoints_are_claimed(tmp_path):
+def test_every_dspark_config_is_claimed_and_a_folder_we_cannot_serve_is_explained(tmp_path, monkeypatch):
     assert startup.is_deepspec_checkpoint(str(SMOLLM2_DRAFTER))
     (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     assert not startup.is_deepspec_checkpoint(str(tmp_path))
     assert not startup.is_deepspec_checkpoint(None)
+    assert startup.claims(spec(model=str(tmp_path))) and not startup.claims(spec(method="eagle3"))
+    monkeypatch.setenv(startup.ENV_BACKEND, "upstream")
+    assert not startup.claims(spec())
+    monkeypatch.delenv(startup.ENV_BACKEND)
+    with pytest.raises(startup.DSparkStartupError, match="is not a DSpark drafter checkpoint"):
+        startup.prepare_speculative_config(spec(model=str(tmp_path)))
+    with pytest.raises(startup.DSparkStartupError, match="drafter 'org/no-such-drafter' is not a local folder"):
+        startup.prepare_speculative_config(spec(model="org/no-such-drafter"))
+
+
+def test_missing_calibration_or_cost_profile_stops_start_up_with_the_path(tmp_path, monkeypatch):
+    for key, value, expected in (("calibration:\n  file", "missing-cal.json", "cannot read calibration file .*missing-cal"),
+                                 ("scheduler:\n  cost_profile", "missing-profile.json",
+                                  "cannot read cost profile .*missing-profile")):
+        yaml = tmp_path / "s.yaml"
+        yaml.write_text(f"{key}: {value}\n")
+        monkeypatch.setenv(startup.ENV_CONFIG, str(yaml))
+        with pytest.raises(startup.DSparkStartupError, match=f"DSpark start-up failed: {expected}"):
+            startup.prepare_speculative_config(spec())
+
+

@@ -59,7 +59,8 @@ def test_v4_startup_errors_name_the_problem(folder, monkeypatch, tmp_path):
         startup.prepare_speculative_config(v4_spec(bare))
     other = v4_spec(folder)
     other.target_model_config.hf_config = types.SimpleNamespace(to_dict=lambda: {"model_type": "qwen3"})
-    assert not startup.claims(other)  # a non-V4 target without a drafter path stays vLLM's
+    with pytest.raises(startup.DSparkStartupError, match="needs the drafter's folder in 'model'"):
+        startup.prepare_speculative_config(other)  # a non-V4 target without a drafter path
 
 
 def test_the_proposer_drafts_with_the_v4_drafter_over_its_paged_context(folder, monkeypatch):

@@ -29,9 +29,11 @@ def run_engine(**args) -> dict:
 
 
 def engine_error(**args) -> str:
-    proc = subprocess.run([sys.executable, ENGINE, json.dumps(args)], capture_output=True, text=True, timeout=600)
+    """What a failed engine start printed, stdout and stderr interleaved as a terminal shows them."""
+    proc = subprocess.run([sys.executable, ENGINE, json.dumps(args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=600)
     assert proc.returncode != 0, "engine started although it should not have"
-    return proc.stderr
+    return proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +136,16 @@ def test_startup_errors_name_the_problem(smol, tmp_path):
     bad.write_text("scheduler:\n  policy: fastest\n")
     err = engine_error(target=smol["target"], drafter=smol["drafter"], prompts=[[1]], env={"DSPARK_VLLM_CONFIG": str(bad)})
     assert "bad.yaml: invalid DSpark settings: scheduler.policy" in err
+
+    err = engine_error(target=smol["target"], drafter=str(tmp_path / "no-such-drafter"), prompts=[[1]])
+    assert "DSpark start-up failed: drafter" in err and "is not a local folder" in err
+    assert err.index("DSpark start-up failed") < err.index("Traceback")  # our line comes before vLLM's traceback
+    missing = tmp_path / "missing-cal.yaml"
+    missing.write_text("calibration:\n  file: nowhere.json\n")
+    err = engine_error(target=smol["target"], drafter=smol["drafter"], prompts=[[1]],
+                       env={"DSPARK_VLLM_CONFIG": str(missing)})
+    assert "DSpark start-up failed: cannot read calibration file" in err and "nowhere.json" in err
+    assert "must accept VllmConfig" not in err
 
 
 def _free_port() -> int:

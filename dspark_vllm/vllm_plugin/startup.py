@@ -11,6 +11,7 @@ inherited by the engine and worker processes; the proposer reads it once.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..checkpoint import CheckpointMismatchError, load_config, validate_against_
 from ..drafter_config import SUPPORTED_ARCHS, DSparkConfigError
 from ..scheduler import require_confidence_head
 from ..settings import CONFIGS_DIR, DSparkSettings, SettingsError, load_settings, settings_from_dict
+from . import LOGGER_NAME
 
 PROPOSER_PATH = "dspark_vllm.vllm_plugin.proposer.DSparkV1Proposer"
 ENV_CONFIG = "DSPARK_VLLM_CONFIG"    # user's choice of YAML settings (a path or a name in configs/)
@@ -104,10 +106,32 @@ def is_v4_target(spec) -> bool:
 
 
 def claims(spec) -> bool:
-    """Whether the plugin serves this speculative config (else vLLM's own path does)."""
-    if spec.method != "dspark" or os.environ.get(ENV_BACKEND) == "upstream":
-        return False
-    return is_deepspec_checkpoint(spec.model) or is_v4_target(spec)
+    """Whether the plugin serves this speculative config (else vLLM's own path does): every
+    ``method: dspark`` config unless ``DSPARK_VLLM_BACKEND=upstream``; one it cannot serve (no
+    such folder, not a DSpark checkpoint) stops in :func:`prepare_speculative_config` with a
+    DSpark message instead of reaching vLLM's loaders."""
+    return spec.method == "dspark" and os.environ.get(ENV_BACKEND) != "upstream"
+
+
+def check_drafter_folder(source: str, checkpoint: str) -> None:
+    """Raise FileNotFoundError/DSparkConfigError naming the fix when ``checkpoint`` cannot be ours."""
+    if not Path(checkpoint).is_dir():
+        raise FileNotFoundError(f"drafter {source!r} is not a local folder. DSpark reads the drafter from its "
+                                f"checkpoint folder: download it first (e.g. `huggingface-cli download {source} "
+                                "--local-dir DIR`) and pass DIR, or set DSPARK_VLLM_BACKEND=upstream to leave "
+                                "method 'dspark' to vLLM's own loader")
+    if not is_deepspec_checkpoint(checkpoint):
+        raise DSparkConfigError(f"{checkpoint} is not a DSpark drafter checkpoint: its config.json must name one of "
+                                f"{sorted(SUPPORTED_ARCHS)} in 'architectures' (a DeepSpec-format DSpark folder)")
+
+
+def check_scheduler_files(settings: DSparkSettings, checkpoint: str, block_size: int) -> None:
+    """Read the calibration file and cost profile the settings name now, so that a missing or
+    malformed one stops start-up here rather than inside the worker."""
+    from ..scheduler.runtime import load_calibrator, load_cost_profile
+
+    load_calibrator(settings, checkpoint, block_size)
+    load_cost_profile(settings)
 
 
 def _deepspec_block_size(spec, settings: DSparkSettings, checkpoint: str) -> int:
@@ -143,15 +167,21 @@ def prepare_speculative_config(spec) -> None:
     check_vllm_version()
     in_target = is_v4_target(spec)
     source = spec.target_model_config.model if in_target else spec.model
-    checkpoint = str(Path(source).expanduser().resolve())
     try:
-        if not Path(checkpoint).is_dir():
-            raise FileNotFoundError(f"{source} is not a local folder; DSpark reads the drafter from the checkpoint "
-                                    "folder (download it first, e.g. `huggingface-cli download`)")
+        if source is None:
+            raise FileNotFoundError("speculative config method 'dspark' needs the drafter's folder in 'model' "
+                                    "(only a DeepSeek-V4 target carries its drafter inside its own checkpoint)")
+        checkpoint = str(Path(source).expanduser().resolve())
+        if not in_target:
+            check_drafter_folder(source, checkpoint)
         settings = load_settings(settings_path(checkpoint))
         block = (_v4_block_size if in_target else _deepspec_block_size)(spec, settings, checkpoint)
+        check_scheduler_files(settings, checkpoint, block)
     except (CheckpointMismatchError, DSparkConfigError, SettingsError, FileNotFoundError, ValueError) as exc:
-        raise DSparkStartupError(f"DSpark start-up failed: {exc}") from None
+        message = f"DSpark start-up failed: {exc}"
+        # vLLM prints a long traceback before the exception's own line: say it first.
+        logging.getLogger(LOGGER_NAME).error(message)
+        raise DSparkStartupError(message) from None
     profile = None
     if settings.scheduler.profile_at_startup and spec.target_model_config is not None:
         from .startup_profile import ensure_startup_profile
