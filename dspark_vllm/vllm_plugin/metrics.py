@@ -13,9 +13,16 @@ vLLM switches prometheus_client to multiprocess mode and these metrics are not e
 
 Exported series (position k = 0-based draft index):
 
+Token counts are taken when vLLM verifies (drafts of a request that finished or was aborted
+before its drafts were verified are not counted), and only TP rank 0 writes a snapshot, so each
+server exports one series whatever its tensor-parallel size. A snapshot is also written once
+the engine goes idle (a timer after the last step) and at exit.
+
 * ``dspark:draft_steps_total`` steps in which DSpark drafted; ``dspark:drafted_tokens_total``
-  tokens drafted; ``dspark:admitted_draft_tokens_total`` tokens the verify-length policy kept
-  (what vLLM verifies); ``dspark:admitted_draft_tokens_per_step`` their ratio;
+  block positions drafted for drafts that reached verification; ``dspark:admitted_draft_tokens_total``
+  draft tokens vLLM verified (what the verify-length policy kept; equals vLLM's
+  ``spec_decode_num_draft_tokens`` for DSpark's drafts); ``dspark:verified_drafts_per_request``
+  their mean per request and verifying step;
   ``dspark:gated_steps_total`` steps the draft gate skipped (load too high for drafting to pay);
   ``dspark:served_cost_scale`` the learned ratio of served step time to the profiled forward
   (multiplies the cost curve; see ``scheduler/step_cost.py``); ``dspark:verify_step_premium``
@@ -36,6 +43,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -65,14 +73,18 @@ class ProposerMetrics:
         self.verify_premium = 1.0
         self.drafted = 0
         self.admitted = 0
+        self.verifying_requests = 0  # (request, step) pairs that verified at least one draft
         self.positions = PositionCounts(block_size)
         self.confidence_sum = [0.0] * block_size
         self.context_pool_bytes = 0
         self.flush_interval_s = (float(os.environ.get(ENV_FLUSH_S, 0.5)) if flush_interval_s is None
                                  else flush_interval_s)
         self._last_flush = 0.0
+        self._idle_flush: threading.Timer | None = None
         folder = os.environ.get(ENV_METRICS_DIR)
-        self.path = Path(folder) / f"{os.getpid()}.json" if folder else None
+        self.path = Path(folder) / f"{os.getpid()}.json" if folder and is_reporting_rank() else None
+        if self.path is not None:
+            atexit.register(self.maybe_flush, force=True)
 
     @property
     def reached(self) -> list[int]:
@@ -82,10 +94,16 @@ class ProposerMetrics:
     def accepted(self) -> list[int]:
         return self.positions.accepted
 
-    def record_step(self, drafted: int, admitted: list[int]) -> None:
+    def record_step(self) -> None:
+        """A step in which DSpark drafted."""
         self.steps += 1
+
+    def record_verified(self, drafted: int, verified: int) -> None:
+        """One request's drafts verified by vLLM: ``verified`` tokens, out of a block drafted
+        ``drafted`` positions deep."""
         self.drafted += drafted
-        self.admitted += int(sum(admitted))
+        self.admitted += verified
+        self.verifying_requests += 1
 
     def record_gated(self) -> None:
         self.gated += 1
@@ -107,24 +125,46 @@ class ProposerMetrics:
 
     def snapshot(self) -> dict:
         return {"block_size": self.block_size, "steps": self.steps, "gated": self.gated, "faults": self.faults,
-                "drafted": self.drafted,
+                "drafted": self.drafted, "verifying_requests": self.verifying_requests,
                 "cost_scale": self.cost_scale, "verify_premium": self.verify_premium,
                 "admitted": self.admitted, "reached": self.reached, "accepted": self.accepted,
                 "confidence_sum": self.confidence_sum, "context_pool_bytes": self.context_pool_bytes}
 
     def maybe_flush(self, force: bool = False) -> None:
+        """Write the snapshot if ``flush_interval_s`` has passed (or ``force``); otherwise make
+        sure a timer writes it then, so the last steps before the engine goes idle show."""
         if self.path is None:
             return
         now = time.monotonic()
-        if not force and now - self._last_flush < self.flush_interval_s:
+        wait = self.flush_interval_s - (now - self._last_flush)
+        if not force and wait > 0:
+            if self._idle_flush is None:
+                self._idle_flush = threading.Timer(wait, self._flush_from_timer)
+                self._idle_flush.daemon = True
+                self._idle_flush.start()
             return
         self._last_flush = now
         tmp = self.path.with_suffix(".tmp")
         try:
             tmp.write_text(json.dumps(self.snapshot()))
             tmp.replace(self.path)
-        except OSError:  # metrics must never break serving
+        except (OSError, ValueError, RuntimeError):  # metrics must never break serving
             pass
+
+    def _flush_from_timer(self) -> None:
+        self._idle_flush = None
+        self.maybe_flush(force=True)
+
+
+def is_reporting_rank() -> bool:
+    """Whether this worker writes DSpark's snapshot: tensor-parallel rank 0 (every rank drafts
+    the same, so one series per server), or any process outside a TP group."""
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except Exception:  # noqa: BLE001 - no distributed state (tests, tools): report
+        return True
 
 
 def merge_snapshots(folder: Path) -> dict | None:
@@ -138,7 +178,7 @@ def merge_snapshots(folder: Path) -> dict | None:
         if total is None:
             total = snap
             continue
-        for key in ("steps", "gated", "faults", "drafted", "admitted", "context_pool_bytes"):
+        for key in ("steps", "gated", "faults", "drafted", "admitted", "verifying_requests", "context_pool_bytes"):
             total[key] = total.get(key, 0) + snap.get(key, 0)
         total["cost_scale"] = max(total.get("cost_scale", 1.0), snap.get("cost_scale", 1.0))
         total["verify_premium"] = max(total.get("verify_premium", 1.0), snap.get("verify_premium", 1.0))
@@ -166,12 +206,16 @@ class DSparkCollector:
                                ("gated_steps", "gated", "steps the draft gate skipped (drafting could not pay)"),
                                ("step_faults", "faults", "steps whose drafting failed inside DSpark (served "
                                 "without drafts)"),
-                               ("drafted_tokens", "drafted", "draft tokens produced by the drafter"),
-                               ("admitted_draft_tokens", "admitted", "draft tokens kept by the verify-length policy")):
+                               ("drafted_tokens", "drafted", "block positions drafted for drafts that reached "
+                                "verification"),
+                               ("admitted_draft_tokens", "admitted", "draft tokens vLLM verified (kept by the "
+                                "verify-length policy)")):
             yield CounterMetricFamily(PREFIX + name, doc, value=snap.get(key, 0))
-        per_step = GaugeMetricFamily(PREFIX + "admitted_draft_tokens_per_step", "admitted draft tokens per drafting step")
-        per_step.add_metric([], snap["admitted"] / snap["steps"] if snap["steps"] else 0.0)
-        yield per_step
+        per_request = GaugeMetricFamily(PREFIX + "verified_drafts_per_request", "mean draft tokens vLLM verified per "
+                                        "request and verifying step")
+        verifying = snap.get("verifying_requests", 0)
+        per_request.add_metric([], snap["admitted"] / verifying if verifying else 0.0)
+        yield per_request
         scale = GaugeMetricFamily(PREFIX + "served_cost_scale", "learned served engine step time / profiled "
                                   "forward time (multiplies the cost curve)")
         scale.add_metric([], float(snap.get("cost_scale", 1.0)))

@@ -143,8 +143,8 @@ class DSparkV1Proposer:
         self.scheduler.check_drafter(self.drafter.confidence_head is not None)
         self.metrics = ProposerMetrics(self.block_size)
         self.seed_gen = torch.Generator().manual_seed(0)
-        # per request: calibrated confidences of the drafts handed to vLLM last step
-        self.pending: dict[str, list[float]] = {}
+        # per request: (calibrated confidences of the drafts handed to vLLM last step, depth drafted)
+        self.pending: dict[str, tuple[list[float], int]] = {}
         self._step_end: float | None = None  # when propose_step last returned (step timing)
         self._handed_out = 0  # draft tokens handed to vLLM by the last call (verified next step)
         self._warmed_up = False  # first draft pays one-off costs; keep them out of the timer
@@ -336,11 +336,15 @@ class DSparkV1Proposer:
         return self._draft(step, rows, states, depth, load, ready, out)
 
     def _record_outcomes(self, step: StepInput, rows: list[int]) -> None:
-        """Acceptance of the drafts each request had verified in the step that just ended."""
+        """Acceptance of the drafts each request had verified in the step that just ended (what
+        vLLM scheduled for verification: ``num_spec``)."""
         for row in rows:
-            verified = self.pending.pop(step.req_ids[row], None)
-            if verified:
-                self.metrics.record_outcome(verified, len(step.sampled[row]) - 1)
+            handed = self.pending.pop(step.req_ids[row], None)
+            verified = int(step.num_spec[row])
+            if handed and verified:
+                confidences, depth = handed
+                self.metrics.record_outcome(confidences[:verified], len(step.sampled[row]) - 1)
+                self.metrics.record_verified(depth, verified)
 
     def _plan(self, batch: int, ready: int) -> DraftPlan:
         if ready == 0:
@@ -388,8 +392,8 @@ class DSparkV1Proposer:
         for j, (i, toks, n) in enumerate(zip(rows, tokens, lengths)):
             out[i] = toks[:n]
             if n > 0:
-                self.pending[req_ids[j]] = conf[j, :n].tolist() if conf is not None else [float("nan")] * n
-        self.metrics.record_step(len(rows) * depth, lengths)
+                self.pending[req_ids[j]] = (conf[j, :n].tolist() if conf is not None else [float("nan")] * n, depth)
+        self.metrics.record_step()
         self._handed_out = sum(lengths)
         self.metrics.maybe_flush()
         self._trace_step(step, ready, len(rows), depth, draft_ms)
