@@ -8,6 +8,7 @@
     dspark-vllm bench scheduler   policy latency and expected throughput vs load
     dspark-vllm bench acceptance  tau / per-position acceptance / tokens/s per dataset (+ PNG)
     dspark-vllm bench serving     vllm serving throughput at several concurrencies (+ PNG)
+    dspark-vllm bench sampling_fidelity  the target's -log p of samples served at T=1, per config
 """
 
 from __future__ import annotations
@@ -382,8 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("--answers", default=None, help="answers.json from `dspark-vllm train` (default: DRAFTER/data)")
     vocab.add_argument("--size", type=int, default=8192)
     vocab.set_defaults(func=cmd_draft_vocab)
-    bench = sub.add_parser("bench", help="benchmarks: `bench scheduler|acceptance|serving ...`")
-    bench.add_argument("which", choices=["scheduler", "acceptance", "serving"])
+    bench = sub.add_parser("bench", help="benchmarks: `bench scheduler|acceptance|serving|sampling_fidelity ...`")
+    bench.add_argument("which", choices=["scheduler", "acceptance", "serving", "sampling_fidelity"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser
