@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .prompts import SHARED_DATASETS, TRAIN_WINDOWS
+from .prompts import ENV_DATASETS, TRAIN_WINDOWS, resolve_spec
 
 DEMO_PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
@@ -235,8 +235,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training.trainer import TrainConfig
 
     target = str(Path(args.target) if args.target else smollm2_path())
-    root = Path(args.datasets_dir)
-    datasets = [d if Path(d.partition(":")[0]).exists() else str(root / d) for d in (args.data or DEFAULT_TRAIN_DATA)]
+    datasets = [resolve_spec(d, args.datasets_dir) for d in (args.data or DEFAULT_TRAIN_DATA)]
     shape = DrafterShape(num_layers=args.num_layers, block_size=args.block_size, markov_rank=args.markov_rank,
                          markov_head_type=args.head_type, intermediate_size=args.intermediate_size,
                          target_layer_ids=[int(i) for i in args.target_layer_ids.split(",")]
@@ -340,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="drafter folder (resumes if it holds trainer_state.pt)")
     train.add_argument("--data", action="append", help="path.jsonl[:start:stop], repeatable "
                        f"(default: {' '.join(DEFAULT_TRAIN_DATA)})")
-    train.add_argument("--datasets-dir", default=str(SHARED_DATASETS))
+    train.add_argument("--datasets-dir", help=f"folder of DeepSpec JSONL prompt sets (default: ${ENV_DATASETS})")
     train.add_argument("--data-dir", help="cache folder for answers/features (default: OUT/data)")
     train.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"], help="answer generation")
     train.add_argument("--max-new-tokens", type=int, default=256)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,33 @@ def load_prompts(path: str | Path, limit: int | None = None, offset: int = 0) ->
     return out
 
 
-# The shared prompt sets (DeepSpec JSONL), beside the repository checkout.
-SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+ENV_DATASETS = "DSPARK_VLLM_DATASETS"  # a folder of DeepSpec JSONL prompt sets (gsm8k.jsonl, ...)
+
+
+class DatasetsNotFound(SystemExit):
+    """No folder of prompt sets was given; the message names the flag and the variable."""
+
+
+def datasets_dir(explicit: str | Path | None = None) -> Path:
+    """The folder of DeepSpec JSONL prompt sets: ``explicit`` (a tool's ``--datasets-dir``), else
+    ``$DSPARK_VLLM_DATASETS``. The package ships no prompt sets and assumes no folder."""
+    choice = explicit or os.environ.get(ENV_DATASETS)
+    if not choice:
+        raise DatasetsNotFound(f"no prompt sets given: pass --datasets-dir DIR or set {ENV_DATASETS}=DIR "
+                               "(a folder of DeepSpec *.jsonl prompt sets, e.g. gsm8k.jsonl)")
+    root = Path(choice).expanduser()
+    if not root.is_dir() or not any(root.glob("*.jsonl")):
+        raise DatasetsNotFound(f"{root} holds no *.jsonl prompt sets: point --datasets-dir (or {ENV_DATASETS}) at a "
+                               "folder of DeepSpec JSONL files")
+    return root
+
+
+def resolve_spec(spec: str, explicit_dir: str | Path | None = None) -> str:
+    """``path.jsonl[:start:stop]`` as given when the file exists, else relative to :func:`datasets_dir`."""
+    path, sep, window = spec.partition(":")
+    if Path(path).expanduser().exists():
+        return spec
+    return str(datasets_dir(explicit_dir) / path) + sep + window
 # Prompt windows the shipped drafter trains on (``dspark-vllm train`` defaults).
 TRAIN_WINDOWS = {"gsm8k": (0, 520), "mbpp": (0, 200), "math500": (0, 120), "livecodebench": (0, 40),
                  "arena-hard-v2": (0, 60)}
@@ -45,7 +71,7 @@ def count_prompts(path: str | Path) -> int:
         return sum(1 for line in fh if line.strip())
 
 
-def held_out_specs(root: str | Path = SHARED_DATASETS, size: int = 12) -> list[str]:
+def held_out_specs(root: str | Path, size: int = 12) -> list[str]:
     """``path:start:stop`` of the last ``size`` prompts of every prompt set in ``root``: never
     inside a training window, so every set (chat included) is measured on prompts the drafter
     did not see."""

@@ -119,4 +119,14 @@ def load_settings(path: str | Path) -> DSparkSettings:
     return settings_from_dict(data, str(path))
 
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _configs_dir() -> Path:
+    """The shipped YAML settings: ``dspark_vllm/configs`` in an installed wheel (package data,
+    read through importlib.resources), else the repository's ``configs/`` beside the package (a
+    source checkout or an editable install: the same files)."""
+    from importlib.resources import files
+
+    installed = Path(str(files("dspark_vllm") / "configs"))
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIGS_DIR = _configs_dir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # kernel tests run Triton on CPU tensors
 
@@ -11,6 +12,11 @@ import torch  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 torch.set_num_threads(1)
+
+# Tests may read the prompt sets beside the checkout; the package itself assumes no folder.
+_SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+if _SHARED.is_dir():
+    os.environ.setdefault("DSPARK_VLLM_DATASETS", str(_SHARED))
 
 
 def make_tiny_qwen3(vocab_size: int = 128, layers: int = 4, seed: int = 0, logit_scale: float = 1.0) -> Qwen3ForCausalLM:

@@ -50,3 +50,19 @@ def test_suite_runs_the_shipped_drafter_on_every_set(tmp_path, capsys):
     assert {(r["dataset"], r["temperature"]) for r in rows} == {(d, t) for d in ("chat", "math") for t in (0.0, 1.0)}
     assert all(r["tau"] >= 1.0 for r in rows) and all(r["identical_to_plain"] for r in rows if r["temperature"] == 0)
     assert (tmp_path / "s.png").exists() and "held-out windows" in capsys.readouterr().out
+
+
+def test_prompt_sets_come_from_the_flag_or_the_variable_never_a_guess(tmp_path, monkeypatch):
+    from dspark_vllm.prompts import ENV_DATASETS, DatasetsNotFound, datasets_dir, resolve_spec
+
+    monkeypatch.delenv(ENV_DATASETS, raising=False)
+    with pytest.raises(DatasetsNotFound, match="pass --datasets-dir DIR or set DSPARK_VLLM_DATASETS"):
+        datasets_dir()
+    with pytest.raises(DatasetsNotFound, match="holds no \\*.jsonl prompt sets"):
+        datasets_dir(tmp_path)
+    (tmp_path / "gsm8k.jsonl").write_text('{"turns": ["q"]}\n')
+    assert datasets_dir(tmp_path) == tmp_path
+    monkeypatch.setenv(ENV_DATASETS, str(tmp_path))
+    assert resolve_spec("gsm8k.jsonl:0:1") == f"{tmp_path}/gsm8k.jsonl:0:1"
+    existing = tmp_path / "gsm8k.jsonl"
+    assert resolve_spec(f"{existing}:0:1", explicit_dir="/nowhere") == f"{existing}:0:1"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..prompts import SHARED_DATASETS, held_out_specs
+from ..prompts import ENV_DATASETS, datasets_dir, held_out_specs
 from .report import benchmark_parser, run_benchmark, save_figure
 
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                         "never in a training window), at each --temperature; prints one table, writes --plot "
                         "(default acceptance-suite.png)")
     p.add_argument("--suite-size", type=int, default=12)
-    p.add_argument("--datasets-dir", default=str(SHARED_DATASETS))
+    p.add_argument("--datasets-dir", help=f"folder of DeepSpec JSONL prompt sets (default: ${ENV_DATASETS})")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--depth", type=int, default=None,
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_suite_or_data(args: argparse.Namespace) -> dict:
     """``--suite`` fills ``--data`` with every held-out window and ends with the summary table."""
     if args.suite:
-        args.data = held_out_specs(args.datasets_dir, args.suite_size) + (args.data or [])
+        args.data = held_out_specs(datasets_dir(args.datasets_dir), args.suite_size) + (args.data or [])
         args.plot = args.plot or "acceptance-suite.png"
     elif not args.data:
         raise SystemExit("bench acceptance: give --data path.jsonl[:start:stop] (repeatable) or --suite")

