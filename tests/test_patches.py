@@ -160,3 +160,21 @@ def test_the_adapter_doc_lists_every_patched_symbol():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "vllm-adapter.md").read_text()
     missing = [p.symbol for p in patches.PATCHES if f"`{p.symbol.removeprefix('vllm.')}`" not in doc]
     assert not missing, f"docs/vllm-adapter.md does not list {missing}"
+    unlisted = [w.name for w in patches.WRITES if f"`{w.name}`" not in doc]
+    assert not unlisted, f"docs/vllm-adapter.md does not list the written attributes {unlisted}"
+
+
+def test_every_attribute_the_plugin_writes_is_in_the_manifest():
+    """Each setattr/assignment on a vLLM object in the adapter names an attribute of WRITES."""
+    import re
+    from pathlib import Path
+
+    plugin = Path(patches.__file__).parent
+    written = set()
+    for path in plugin.glob("*.py"):
+        text = path.read_text()
+        written |= set(re.findall(r"\b(?:self|runner|output)\.(_dspark_\w+|_draft_prob\w*|use_aux_hidden_state_outputs)"
+                                  r"\s*=", text))
+        written |= {m for m in re.findall(r"setattr\(output, (\w+)", text)}
+    names = {w.name for w in patches.WRITES} | {"DRAFTS_ATTR"}
+    assert written and written <= names, f"written but not in patches.WRITES: {written - names}"

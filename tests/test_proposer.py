@@ -12,8 +12,8 @@ from dspark_vllm.bench.host_syncs import HostSyncCounter
 from dspark_vllm.drafters import SMOLLM2_DRAFTER
 from dspark_vllm.settings import CONFIGS_DIR, load_settings
 from dspark_vllm.vllm_plugin.startup import ENV_WORKER, WorkerSettings
-from dspark_vllm.vllm_plugin.proposer import (DRAFT_TIMING_SIZES, INGEST_TIMING_TOKENS, SHALLOW_TIMING_DEPTHS,
-                                              DSparkV1Proposer)
+from dspark_vllm.vllm_plugin.gate_timing import DRAFT_TIMING_SIZES, INGEST_TIMING_TOKENS, SHALLOW_TIMING_DEPTHS
+from dspark_vllm.vllm_plugin.proposer import DSparkV1Proposer
 
 NUM_REQS = 4
 IDS = [f"r{i}" for i in range(NUM_REQS)]

@@ -37,6 +37,12 @@ def main() -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = str(value)
+    if os.environ.get("DSPARK_VLLM_ORACLE"):  # drafts from known continuations (tests/oracle_proposer.py)
+        import oracle_proposer
+
+        from dspark_vllm.vllm_plugin import startup
+
+        startup.PROPOSER_PATH = oracle_proposer.PATH
     for dotted, every in (args.get("faults") or {}).items():  # fault injection: raise on every n-th call
         plant_fault(dotted, int(every))
     from vllm import LLM, SamplingParams

@@ -284,6 +284,28 @@ PATCHES: tuple[Patch, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Written:
+    """An attribute the plugin sets on a vLLM object (part of the contract like a patch)."""
+
+    owner: str   # dotted class path
+    name: str
+    reason: str
+
+
+WRITES: tuple[Written, ...] = (
+    Written(RUNNER, "use_aux_hidden_state_outputs", "wrap_runner_init: the target returns the aux hidden states"),
+    Written(RUNNER, "_draft_probs", "runner_io.write_drafts: q of this step's drafts, read by vLLM's verification"),
+    Written(RUNNER, "_draft_prob_req_ids", "runner_io.write_drafts: the request of each q row"),
+    Written("vllm.v1.outputs.ModelRunnerOutput", DRAFTS_ATTR,
+            "attach_draft_token_ids: this step's drafts ride to the engine core on the step output"),
+    Written("vllm.v1.core.sched.scheduler.Scheduler", "_dspark_drafts_delivered",
+            "wrap_update_from_output: this step's drafts came with the output, post_step skips the RPC"),
+    Written("vllm.v1.worker.gpu_worker.Worker", "_dspark_in_budget",
+            "wrap_available_memory: a subclass calling its parent is not charged the pool twice"),
+)
+
+
 def resolve_symbol(dotted: str) -> Any:
     """The object at ``dotted`` (module path, then attributes), or raise AttributeError/ImportError."""
     owner, name = resolve_owner(dotted)

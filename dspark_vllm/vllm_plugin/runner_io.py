@@ -38,7 +38,7 @@ class StepInput:
     seeds: list[int | None]       # [R] the request's sampling seed (None: unseeded)
     finished: set[str]
     total_tokens: int             # tokens the target processed this step
-    history: Callable[[int], list[int]]  # row -> prompt + output tokens (host copy; test oracle only)
+    history: Callable[[int], list[int]]  # row -> prompt + output tokens (host copy; read by tests' oracle proposer)
 
 
 @dataclass

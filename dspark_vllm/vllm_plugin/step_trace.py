@@ -50,7 +50,23 @@ class StepTrace:
         except OSError:  # tracing must never break serving
             self._file = None
 
+    def proposer_step(self, *, batch: int, ready: int, drafting: int, depth: int, learned, last_step: tuple,
+                      emitted: int, draft_ms: float | None, ingest_ms: float | None) -> None:
+        """One proposer call: what the gate saw and decided (``learned``: the scheduler's
+        snapshot; ``last_step``: (ms, verified drafts) of the engine step that just ended)."""
+        if self._file is None:
+            return
+        step_ms, verified = last_step
+        self.write(batch=batch, ready=ready, drafting=drafting, depth=depth,
+                   gain=None if ready == 0 else learned.last_gain, step_ms=_round(step_ms, 3), verified=verified,
+                   emitted=emitted, draft_ms=_round(draft_ms, 3), ingest_ms=_round(ingest_ms, 3),
+                   scale=_round(learned.cost_scale, 4), premium=learned.verify_premium)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
