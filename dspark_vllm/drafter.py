@@ -33,6 +33,15 @@ class DSparkDrafter(nn.Module):
         super().__init__()
         self.config = config
         self.family = config.family
+        # False for a checkpoint saved with shared embeddings until the target's are bound.
+        self.embeddings_bound = True
+        # Optional draft vocabulary (target ids the drafter may propose); None = all V tokens.
+        self.draft_vocab: torch.Tensor | None = None
+        self._draft_weights: tuple | None = None
+        self._build_modules(config)
+
+    def _build_modules(self, config: DSparkConfig) -> None:
+        """The backbone and heads of this drafter family (a subclass builds its own)."""
         hf = config.backbone_hf_config()
         self.hf_config = hf
         h, v = config.hidden_size, config.vocab_size
@@ -59,11 +68,6 @@ class DSparkDrafter(nn.Module):
             extra = config.markov_rank if config.confidence_head_with_markov else 0
             self.confidence_head = ConfidenceHead(h + extra)
         self.rotary_emb = build_rotary(hf, self.family)
-        # False for a checkpoint saved with shared embeddings until the target's are bound.
-        self.embeddings_bound = True
-        # Optional draft vocabulary (target ids the drafter may propose); None = all V tokens.
-        self.draft_vocab: torch.Tensor | None = None
-        self._draft_weights: tuple | None = None
 
     def _apply(self, fn, recurse: bool = True):
         """Keep the rotary tables' frequencies in float32 whatever dtype the drafter moves to.

@@ -399,3 +399,12 @@ def test_gemma4_double_wide_mlp_layers_load_and_run(tmp_path):
     loaded.add_context(cache, _features(1, 5, 64), torch.tensor([5]))
     torch.testing.assert_close(loaded.forward_block(torch.tensor([3]), cache), d.forward_block(torch.tensor([3]), cache))
     assert loaded.propose(torch.tensor([3]), cache, torch.zeros(1)).tokens.shape == (1, 4)
+
+
+def test_both_drafters_implement_the_drafter_contract(tiny_qwen3):
+    from dspark_vllm.drafter_protocol import DraftModel
+    from v4_fixtures import random_v4_drafter, tiny_v4_target
+
+    assert isinstance(_drafter(tiny_qwen3), DraftModel)
+    assert isinstance(random_v4_drafter(tiny_v4_target()), DraftModel)
+    assert not isinstance(object(), DraftModel)

@@ -36,9 +36,10 @@ class DSparkV4Drafter(DSparkDrafter):
     """DSpark drafter of a DeepSeek-V4 target (parameter names as the checkpoint's ``mtp.*``)."""
 
     def __init__(self, config: V4DraftConfig) -> None:
-        nn.Module.__init__(self)
-        self.config = config
-        self.family = config.family
+        super().__init__(config)
+        self.embeddings_bound = False  # the target's embedding and LM head are bound at load
+
+    def _build_modules(self, config: V4DraftConfig) -> None:
         h, v = config.hidden_size, config.vocab_size
         self.embed_tokens = nn.Embedding(v, h)
         self.layers = nn.ModuleList(V4Block(config) for _ in range(config.num_layers))
@@ -52,9 +53,6 @@ class DSparkV4Drafter(DSparkDrafter):
         if config.enable_confidence_head:
             self.confidence_head = ConfidenceHead(h + config.markov_rank, bias=False)
         self.rotary_emb = InterleavedRotary(config.rope_head_dim, config.rope_theta)
-        self.embeddings_bound = False
-        self.draft_vocab: torch.Tensor | None = None
-        self._draft_weights: tuple | None = None
 
     # ---- shapes ---------------------------------------------------------------------------
     @property

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint
+from ..drafter_protocol import DraftModel
 from ..paged_context import to_device
 from ..sampling import GREEDY_EPS, SEED_LIMIT, derive_seed
 from ..scheduler import CostProfile, StepLoad, VerifyLengthScheduler
@@ -45,7 +46,7 @@ from .step_trace import StepTrace
 logger = logging.getLogger(LOGGER_NAME)
 
 
-def load_drafter(worker: WorkerSettings, dtype: torch.dtype | None, draft_vocab_size: int | None):
+def load_drafter(worker: WorkerSettings, dtype: torch.dtype | None, draft_vocab_size: int | None) -> DraftModel:
     """The drafter the settings name: a DeepSpec folder, or the stages inside a DeepSeek-V4 target
     (whose embedding and LM head are bound from the served target in :meth:`DSparkV1Proposer.load_model`)."""
     if worker.drafter_format == IN_TARGET_V4:
@@ -86,7 +87,7 @@ class DSparkV1Proposer:
         self.vllm_config = vllm_config
         self.settings = worker.dspark_settings()
         dtype = vllm_config.model_config.dtype
-        self.drafter = load_drafter(worker, dtype if isinstance(dtype, torch.dtype) else None,
+        self.drafter: DraftModel = load_drafter(worker, dtype if isinstance(dtype, torch.dtype) else None,
                                     self.settings.draft_vocab_size)
         self.block_size = self.drafter.block_size
         cost = CostProfile.load(worker.cost_profile) if worker.cost_profile else None
