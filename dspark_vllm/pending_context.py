@@ -21,14 +21,15 @@ from collections.abc import Iterable
 import torch
 
 from .paged_context import PagedContextPool
+from .scheduler.tuning import TUNING
 
 
 class PendingContext:
     """Per request key, (features [n, m*H], slots [n], positions [n]) not yet in ``pool``."""
 
-    VIEW_MAX_TOKENS = 64  # push_step: steps up to this size are queued as views, never copied
-    MAX_TOKENS = 512  # per request: a backlog this long is projected at once (big enough to batch well)
-    MAX_BYTES = 256 << 20  # over all requests: small next to any KV budget, far above a decode backlog
+    VIEW_MAX_TOKENS = TUNING.queue_view_max_tokens
+    MAX_TOKENS = TUNING.queue_max_tokens
+    MAX_BYTES = TUNING.queue_max_bytes
 
     def __init__(self, drafter, pool: PagedContextPool, max_tokens: int = MAX_TOKENS,
                  max_bytes: int = MAX_BYTES) -> None:
@@ -99,12 +100,12 @@ class PendingContext:
 
     def full_keys(self) -> list[int]:
         """Requests whose backlog reached ``max_tokens``, plus, while all backlogs together
-        exceed ``max_bytes``, the largest ones until the rest fit in 3/4 of it."""
+        exceed ``max_bytes``, the largest ones until the rest fit in ``queue_refill_fraction`` of it."""
         full = [k for k, n in self._tokens.items() if n >= self.max_tokens]
         left = (self.total_tokens - sum(self._tokens[k] for k in full)) * self.token_bytes
         if left > self.max_bytes:
             for k in sorted(set(self._tokens) - set(full), key=self._tokens.__getitem__, reverse=True):
-                if left <= self.max_bytes * 3 // 4:
+                if left <= self.max_bytes * TUNING.queue_refill_fraction:
                     break
                 full.append(k)
                 left -= self._tokens[k] * self.token_bytes

@@ -67,7 +67,6 @@ class DSparkSettings(_Strict):
                                             "checkpoint's draft_vocab.json; null: all of them; 0: full vocabulary")
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
-    metrics: bool = True
     source: Optional[str] = Field(None, exclude=True)
 
     @model_validator(mode="after")

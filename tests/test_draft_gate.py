@@ -363,3 +363,20 @@ def test_shallow_blocks_move_only_the_positions_they_reached():
     assert fresh.plan(1).depth >= 1 and DraftGate(flat_then_linear(), block_size=4).plan(3).depth == 4
     # the timer counts drafted positions: 8 in 8 ms, 6 in 3 ms
     assert gate.timer.predict(8) > gate.timer.predict(6)
+
+
+def test_internal_constants_come_from_the_one_frozen_tuning_object():
+    import dataclasses
+
+    from dspark_vllm.pending_context import PendingContext
+    from dspark_vllm.scheduler.step_cost import StepCostEstimator
+    from dspark_vllm.scheduler.tuning import TUNING
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TUNING.probe_every = 1
+    gate = DraftGate(CostProfile.synthetic(), 4)
+    assert (gate.momentum, gate.probe_every, gate.explore_every, gate.timer.decay) == (
+        TUNING.gate_momentum, TUNING.probe_every, TUNING.explore_every, TUNING.timer_decay)
+    est = StepCostEstimator(CostProfile.synthetic())
+    assert (est.samples.maxlen, est.min_samples) == (TUNING.cost_window, TUNING.cost_min_samples)
+    assert PendingContext.MAX_TOKENS == TUNING.queue_max_tokens

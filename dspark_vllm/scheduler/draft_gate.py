@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cost_profile import CostProfile
+from .tuning import TUNING
 from .policies import StepLoad, _room, extend_to_block, survival, tau_path
 
 
@@ -76,7 +77,7 @@ class DraftTimer:
     so it follows the machine's current speed: the drafter's forward for n drafted block
     positions (requests x depth), or the context ingestion of n tokens."""
 
-    def __init__(self, decay: float = 0.98) -> None:
+    def __init__(self, decay: float = TUNING.timer_decay) -> None:
         self.decay = decay
         self._s = np.zeros(5)  # sums of 1, n, n^2, ms, n*ms
 
@@ -101,10 +102,11 @@ class DraftTimer:
 class DraftGate:
     """Pre-draft decision: draft this step or decode plainly (see module docstring)."""
 
-    def __init__(self, cost: CostProfile, block_size: int, smooth: bool = True, momentum: float = 0.9,
-                 probe_every: int = 16, max_probe_every: int = 256, min_gain: float = 1.05,
-                 adaptive_depth: bool = True, explore_every: int = 16, explore_below: float = 1.5,
-                 learn_premium: bool = False) -> None:
+    def __init__(self, cost: CostProfile, block_size: int, smooth: bool = True,
+                 momentum: float = TUNING.gate_momentum, probe_every: int = TUNING.probe_every,
+                 max_probe_every: int = TUNING.max_probe_every, min_gain: float = 1.05,
+                 adaptive_depth: bool = True, explore_every: int = TUNING.explore_every,
+                 explore_below: float = TUNING.explore_below, learn_premium: bool = False) -> None:
         self.cost = cost
         self.min_gain = min_gain
         self.adaptive_depth = adaptive_depth
@@ -194,7 +196,7 @@ class DraftGate:
             self.probe_wait = self.probe_every
             self.drafted_in_a_row += 1
             learning = self.cost.verify_premium is None
-            every = min(4, self.explore_every) if learning else self.explore_every
+            every = min(TUNING.explore_every_learning, self.explore_every) if learning else self.explore_every
             marginal = gains[best] < self.explore_below or (learning and self.learn_premium)
             if marginal and self.drafted_in_a_row >= every:
                 self.drafted_in_a_row = 0  # an exploration step: plain, to keep the plain cost current

@@ -35,6 +35,7 @@ import statistics
 from collections import deque
 
 from .cost_profile import CostProfile
+from .tuning import TUNING
 
 
 class StepCostEstimator:
@@ -44,8 +45,8 @@ class StepCostEstimator:
     Runs after every engine step, so the medians are ``statistics.median`` over at most
     ``window`` floats (no array conversion per step)."""
 
-    def __init__(self, cost: CostProfile, window: int = 64, min_samples: int = 8, neighbours: int = 4,
-                 pair_window: int = 32) -> None:
+    def __init__(self, cost: CostProfile, window: int = TUNING.cost_window, min_samples: int = TUNING.cost_min_samples,
+                 neighbours: int = TUNING.premium_neighbours, pair_window: int = TUNING.premium_pairs) -> None:
         self.cost = cost
         self.samples: deque[float] = deque(maxlen=window)  # plain steps
         self.verify_samples: deque[float] = deque(maxlen=window)  # steps that verified drafts
