@@ -41,8 +41,8 @@ def test_gains_per_depth_match_a_direct_search():
     """The vectorised gains equal max over k <= R*D of (R + top-k survivals) / (t(base+R+k)*premium
     + d(R*D)) / (R / t(base+R)), computed here one depth and one k at a time."""
     cost = flat_then_linear(base_ms=30.0, flat=4, slope=2.0, upto=64)  # k beyond the grid extrapolates
-    cost.verify_premium = 1.1
     gate = DraftGate(cost, block_size=5)
+    gate.cost.learned.verify_premium = 1.1
     gate.observe(np.array([[0.9, 0.7, 0.6, 0.5, 0.4]]), draft_ms=6.0)
     gate.observe(np.array([[0.8, 0.6]] * 3), draft_ms=9.0)
     gate.observe_ingest(4, 1.5)
@@ -157,8 +157,8 @@ def test_prior_is_the_plain_mean_of_the_first_blocks():
 def test_step_cost_scale_is_learned_and_multiplies_every_lookup():
     from dspark_vllm.scheduler.step_cost import StepCostEstimator
 
-    cost = flat_then_linear()
-    est = StepCostEstimator(cost, window=8, min_samples=4)
+    est = StepCostEstimator(flat_then_linear(), window=8, min_samples=4)
+    cost = est.served  # the view policies and the gate read
     for n in (1, 2, 3):
         est.observe(n, 100.0)  # served steps take 2.5x the 40 ms forward
     assert cost.scale == 1.0  # too few samples yet
@@ -179,8 +179,8 @@ def test_step_cost_scale_keeps_the_curve_shape():
     at 16 requests the same slow steps must not make verifying more tokens look cheap."""
     from dspark_vllm.scheduler.step_cost import StepCostEstimator
 
-    cost = flat_then_linear()
-    est = StepCostEstimator(cost, min_samples=2)
+    est = StepCostEstimator(flat_then_linear(), min_samples=2)
+    cost = est.served
     for _ in range(4):
         est.observe(16, 3.0 * (40.0 + 5.0 * 8))
     assert cost.step_time_ms(32) / cost.step_time_ms(16) == pytest.approx(cost.forward_ms(32) / cost.forward_ms(16))
@@ -193,8 +193,8 @@ def test_verify_premium_is_learned_from_drafted_vs_plain_steps_and_closes_a_marg
     cost 25% more."""
     from dspark_vllm.scheduler.step_cost import StepCostEstimator
 
-    cost = flat_then_linear()
-    est = StepCostEstimator(cost, window=16, min_samples=4)
+    est = StepCostEstimator(flat_then_linear(), window=16, min_samples=4)
+    cost = est.served
     for _ in range(4):
         est.observe(16, 2.0 * cost.forward_ms(16), verified_drafts=16)  # drafted steps only so far
     assert cost.scale == pytest.approx(2.0) and cost.verify_premium is None  # all steps set the scale
@@ -207,10 +207,10 @@ def test_verify_premium_is_learned_from_drafted_vs_plain_steps_and_closes_a_marg
 
     gate = DraftGate(flat_then_linear(slope=0.5), block_size=4, min_gain=1.05)
     gate.observe(np.full((1, 4), 0.8), draft_ms=8.0)
-    gate.cost.scale = 1.6
+    gate.cost.learned.scale = 1.6
     open_gain = gate.gain(16)
     assert open_gain == pytest.approx(1.1, abs=0.01)
-    gate.cost.verify_premium = 1.25
+    gate.cost.learned.verify_premium = 1.25
     assert gate.gain(16) < 1.05 < open_gain
     assert gate.plan(16).requests == 0
 
@@ -223,8 +223,8 @@ def test_verify_premium_compares_neighbouring_steps_while_the_machine_speeds_up(
     a plain step)."""
     from dspark_vllm.scheduler.step_cost import StepCostEstimator
 
-    cost = flat_then_linear()
-    est = StepCostEstimator(cost)
+    est = StepCostEstimator(flat_then_linear())
+    cost = est.served
     speed = lambda step: 2.0 - 0.8 * min(step / 600, 1.0)  # noqa: E731
     for step in range(64):  # a closed gate: plain steps on the slow machine
         est.observe(16, speed(step) * cost.forward_ms(16))
@@ -251,7 +251,7 @@ def test_an_open_gate_with_a_marginal_gain_explores_plain_steps():
     gate.observe(np.full((1, 4), 0.9), draft_ms=8.0)
     plans = [gate.plan(4).requests for _ in range(16)]
     assert plans.count(0) == 4 and plans[3] == 0  # premium unknown: every 4th step
-    gate.cost.verify_premium = 1.0
+    gate.cost.learned.verify_premium = 1.0
     plans = [gate.plan(4).requests for _ in range(16)]
     assert plans.count(0) == 2
     gate.explore_below = 1.0  # the gain is clear of it: no exploration
@@ -265,9 +265,8 @@ def _simulate_served_gate(learn_premium: bool, steps: int = 200) -> list[int]:
     of requests drafting in each step."""
     from dspark_vllm.scheduler.step_cost import StepCostEstimator
 
-    cost = CostProfile.synthetic()
-    est = StepCostEstimator(cost)
-    gate = DraftGate(cost, block_size=4, learn_premium=learn_premium)
+    est = StepCostEstimator(CostProfile.synthetic())
+    gate = DraftGate(est.served, block_size=4, learn_premium=learn_premium)
     served = lambda tokens: 50.0 + 4.0 * tokens  # noqa: E731
     drafting = []
     for _ in range(steps):
@@ -301,13 +300,15 @@ def test_a_slower_served_step_makes_a_closed_gate_open():
     gate = DraftGate(flat_then_linear(), block_size=4)
     gate.observe(np.full((1, 4), 0.2), draft_ms=48.0)  # 12 ms a position: 1.2 tokens for 52 ms vs 1 for 40
     assert gate.gain(1) < 1.0
-    gate.cost.scale = 2.0
+    gate.cost.learned.scale = 2.0
     assert gate.gain(1) > 1.0
 
 
 def test_scheduler_shares_one_cost_object_between_policy_gate_and_estimator():
     sched = VerifyLengthScheduler.from_settings(settings_from_dict({"scheduler": {"policy": "causal_greedy"}}), 4)
-    assert sched.gate.cost is sched.policy.cost is sched.step_cost.cost
+    assert sched.gate.cost is sched.policy.cost is sched.step_cost.served
+    assert sched.gate.cost.learned is sched.step_cost.learned  # the estimator owns what is learned
+    assert not hasattr(sched.step_cost.profile, "scale")  # the profile itself is static
     off = VerifyLengthScheduler.from_settings(
         settings_from_dict({"scheduler": {"policy": "causal_greedy", "learn_step_cost": False}}), 4)
     assert off.step_cost is None

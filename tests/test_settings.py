@@ -63,7 +63,7 @@ def test_relative_paths_resolve_against_file(tmp_path):
     f = tmp_path / "s.yaml"
     f.write_text("scheduler:\n  policy: causal_greedy\n  cost_profile: cost.json\n")
     sched = VerifyLengthScheduler.from_settings(load_settings(f), block_size=4)
-    assert sched.policy.cost.tokens == [1, 8]
+    assert sched.policy.cost.profile.tokens == [1, 8]
 
 
 def test_policy_without_confidence_head_is_explained():

@@ -3,7 +3,7 @@
 Engines use :class:`VerifyLengthScheduler` (``runtime.py``); the rest is its parts."""
 
 from .calibration import CalibrationRecorder, CalibrationRecords, STSCalibrator, evaluate, reliability_diagram
-from .cost_profile import CostProfile, profile_grid, profile_step_times
+from .cost_profile import CostProfile, LearnedCost, ServedCost, profile_grid, profile_step_times
 from .draft_gate import DraftPlan
 from .policies import (
     POLICIES,
@@ -24,7 +24,7 @@ from .policies import (
 from .runtime import SchedulerSnapshot, VerifyLengthScheduler, load_calibrator, load_cost_profile
 
 __all__ = [
-    "POLICIES", "AsyncTopKPolicy", "CalibrationRecorder", "CalibrationRecords", "CausalGreedyPolicy", "CostProfile",
+    "POLICIES", "AsyncTopKPolicy", "CalibrationRecorder", "CalibrationRecords", "CausalGreedyPolicy", "CostProfile", "LearnedCost", "ServedCost",
     "DraftPlan", "FixedPolicy", "RetrospectivePolicy", "STSCalibrator", "SchedulerSnapshot", "StaleConfidences",
     "StepLoad", "ThresholdPolicy", "VerifyLengthScheduler", "VerifyPolicy", "build_policy", "evaluate",
     "expected_tokens", "load_calibrator", "load_cost_profile", "profile_grid", "profile_step_times",

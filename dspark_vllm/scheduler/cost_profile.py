@@ -36,12 +36,6 @@ class CostProfile:
     step_ms: list[float]
     device: str = ""
     max_tokens: int = 0
-    # Served step time / profiled forward time (engine overheads, a machine slower than when
-    # profiled): learned online by StepCostEstimator, multiplies every step_time_ms. Not saved.
-    scale: float = 1.0
-    # Served cost of a step that verifies drafts / of a plain step of as many tokens, beyond the
-    # profile's slope (learned by StepCostEstimator; the draft gate charges it). Not saved.
-    verify_premium: float | None = None  # None: not learned yet (the gate assumes 1.0)
     _table: np.ndarray = field(init=False, repr=False)
     _smooth_table: np.ndarray = field(init=False, repr=False)
 
@@ -95,13 +89,15 @@ class CostProfile:
         return float(out) if out.ndim == 0 else out
 
     def step_time_ms(self, num_tokens: int | np.ndarray, smooth: bool = False) -> np.ndarray | float:
-        """Served verification step time for ``num_tokens``: the profile times ``scale``."""
-        out = self.scale * np.asarray(self.forward_ms(num_tokens, smooth))
-        return float(out) if out.ndim == 0 else out
+        """Verification step time for ``num_tokens`` as profiled (see :class:`ServedCost` for
+        the served one)."""
+        return self.forward_ms(num_tokens, smooth)
 
     def sps(self, num_tokens: int | np.ndarray, smooth: bool = False) -> np.ndarray | float:
         """Steps per second SPS(tokens) of a step verifying ``num_tokens``."""
         return 1000.0 / self.step_time_ms(num_tokens, smooth)
+
+    verify_premium = None  # a profile knows no premium; see ServedCost
 
     # ---- persistence ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -165,3 +161,55 @@ def profile_step_times(forward: Callable[[int], None], token_grid: Iterable[int]
             samples.append((time.perf_counter() - t0) * 1000.0)
         times.append(float(np.median(samples)))
     return CostProfile(tokens=grid, step_ms=times)
+
+
+@dataclass
+class LearnedCost:
+    """What the served engine taught the step-cost estimator (``step_cost.py``), which owns it.
+
+    scale: served step time / profiled forward time (engine overheads, a machine slower than when
+    profiled); multiplies every served lookup. verify_premium: served cost of a step that
+    verifies drafts / of a plain step of as many tokens, beyond the profile's slope (the draft gate
+    charges it; None until learned, read as 1.0). Neither is saved with a profile."""
+
+    scale: float = 1.0
+    verify_premium: float | None = None
+
+
+class ServedCost:
+    """The cost curve policies and the draft gate price lengths with: a static
+    :class:`CostProfile` times what was learned about the served engine (read-only here)."""
+
+    def __init__(self, profile: CostProfile, learned: LearnedCost | None = None) -> None:
+        self.profile = profile
+        self.learned = learned if learned is not None else LearnedCost()
+
+    @classmethod
+    def of(cls, cost: "CostProfile | ServedCost") -> "ServedCost":
+        return cost if isinstance(cost, ServedCost) else cls(cost)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.profile.max_tokens
+
+    @property
+    def scale(self) -> float:
+        return self.learned.scale
+
+    @property
+    def verify_premium(self) -> float | None:
+        return self.learned.verify_premium
+
+    def forward_ms(self, num_tokens: int | np.ndarray, smooth: bool = True) -> np.ndarray | float:
+        return self.profile.forward_ms(num_tokens, smooth)
+
+    def step_time_ms(self, num_tokens: int | np.ndarray, smooth: bool = False) -> np.ndarray | float:
+        """Served verification step time for ``num_tokens``: the profile times the learned scale."""
+        out = self.learned.scale * np.asarray(self.profile.forward_ms(num_tokens, smooth))
+        return float(out) if out.ndim == 0 else out
+
+    def sps(self, num_tokens: int | np.ndarray, smooth: bool = False) -> np.ndarray | float:
+        return 1000.0 / self.step_time_ms(num_tokens, smooth)
+
+
+CostCurve = CostProfile | ServedCost  # what policies and the gate price with (same lookups)

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cost_profile import CostProfile
+from .cost_profile import CostCurve, ServedCost
 from .tuning import TUNING
 from .policies import StepLoad, _room, extend_to_block, survival, tau_path
 
@@ -102,12 +102,12 @@ class DraftTimer:
 class DraftGate:
     """Pre-draft decision: draft this step or decode plainly (see module docstring)."""
 
-    def __init__(self, cost: CostProfile, block_size: int, smooth: bool = True,
+    def __init__(self, cost: CostCurve, block_size: int, smooth: bool = True,
                  momentum: float = TUNING.gate_momentum, probe_every: int = TUNING.probe_every,
                  max_probe_every: int = TUNING.max_probe_every, min_gain: float = 1.05,
                  adaptive_depth: bool = True, explore_every: int = TUNING.explore_every,
                  explore_below: float = TUNING.explore_below, learn_premium: bool = False) -> None:
-        self.cost = cost
+        self.cost = ServedCost.of(cost)
         self.min_gain = min_gain
         self.adaptive_depth = adaptive_depth
         self.block_size = block_size

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from .cost_profile import CostProfile
+from .cost_profile import CostCurve, CostProfile
 
 if TYPE_CHECKING:
     from ..settings import SchedulerSettings
@@ -60,7 +60,7 @@ class VerifyPolicy:
     load_aware: ClassVar[bool] = False
 
     @classmethod
-    def from_settings(cls, settings: "SchedulerSettings", cost: CostProfile | None,
+    def from_settings(cls, settings: "SchedulerSettings", cost: CostCurve | None,
                       block_size: int) -> "VerifyPolicy":
         return cls()
 
@@ -86,7 +86,7 @@ def register_policy(cls: type[VerifyPolicy]) -> type[VerifyPolicy]:
     return cls
 
 
-def build_policy(settings: "SchedulerSettings", cost: CostProfile | None, block_size: int) -> VerifyPolicy:
+def build_policy(settings: "SchedulerSettings", cost: CostCurve | None, block_size: int) -> VerifyPolicy:
     """The policy named by ``settings.policy``; load-aware ones fall back to a synthetic cost curve."""
     cls = POLICIES[settings.policy]
     if cls.load_aware and cost is None:
@@ -157,7 +157,7 @@ def tau_path(sorted_surv: np.ndarray, num_requests: int) -> np.ndarray:
     return num_requests + np.concatenate([[0.0], np.cumsum(sorted_surv)])
 
 
-def throughput_path(sorted_surv: np.ndarray, num_requests: int, cost: CostProfile,
+def throughput_path(sorted_surv: np.ndarray, num_requests: int, cost: CostCurve,
                     base_tokens: int = 0, smooth: bool = False) -> np.ndarray:
     """Theta_k = tau_k * SPS(base + R + k) for admitting the first k sorted candidates."""
     k = np.arange(len(sorted_surv) + 1)
@@ -214,7 +214,7 @@ class CausalGreedyPolicy(VerifyPolicy):
     name = "causal_greedy"
     load_aware = True
 
-    def __init__(self, cost: CostProfile, smooth: bool = True) -> None:
+    def __init__(self, cost: CostCurve, smooth: bool = True) -> None:
         self.cost = cost
         self.smooth = smooth
 
@@ -240,7 +240,7 @@ class RetrospectivePolicy(VerifyPolicy):
 
     name = "retrospective"
 
-    def __init__(self, cost: CostProfile) -> None:
+    def __init__(self, cost: CostCurve) -> None:
         self.cost = cost
 
     def budget(self, confidence, max_lens=None, load=None) -> int:
@@ -265,7 +265,7 @@ class AsyncTopKPolicy(VerifyPolicy):
     name = "async_topk"
     load_aware = True
 
-    def __init__(self, cost: CostProfile, block_size: int = 0, lag: int = 2) -> None:
+    def __init__(self, cost: CostCurve, block_size: int = 0, lag: int = 2) -> None:
         self.search = RetrospectivePolicy(cost)
         self.history = StaleConfidences(block_size, lag)
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .calibration import STSCalibrator
-from .cost_profile import CostProfile
+from .cost_profile import CostProfile, ServedCost
 from .draft_gate import DraftGate, DraftPlan
 from .policies import POLICIES, StepLoad, VerifyPolicy, build_policy, require_confidence_head
 from .step_cost import StepCostEstimator
@@ -78,17 +78,19 @@ class VerifyLengthScheduler:
     def from_settings(cls, settings: "DSparkSettings", block_size: int, checkpoint_dir: str | Path | None = None,
                       cost: CostProfile | None = None) -> "VerifyLengthScheduler":
         sched = settings.scheduler
-        cost = cost or load_cost_profile(settings)
-        if cost is None and POLICIES[sched.policy].load_aware:
-            cost = CostProfile.synthetic()  # one object shared by policy, gate and estimator
-        policy = build_policy(sched, cost, block_size)
-        gate = step_cost = None
-        if policy.load_aware:
-            if sched.learn_step_cost:
-                step_cost = StepCostEstimator(cost)
-            if sched.draft_gate:
-                gate = DraftGate(cost, block_size, smooth=sched.smooth_cost, min_gain=sched.gate_min_gain,
-                                 adaptive_depth=sched.adaptive_depth, learn_premium=step_cost is not None)
+        profile = cost or load_cost_profile(settings)
+        if profile is None and POLICIES[sched.policy].load_aware:
+            profile = CostProfile.synthetic()
+        step_cost = None
+        served = None if profile is None else ServedCost(profile)  # one view shared by policy and gate
+        if profile is not None and POLICIES[sched.policy].load_aware and sched.learn_step_cost:
+            step_cost = StepCostEstimator(profile)  # owns what it learns; policy and gate read it
+            served = step_cost.served
+        policy = build_policy(sched, served, block_size)
+        gate = None
+        if policy.load_aware and sched.draft_gate:
+            gate = DraftGate(served, block_size, smooth=sched.smooth_cost, min_gain=sched.gate_min_gain,
+                             adaptive_depth=sched.adaptive_depth, learn_premium=step_cost is not None)
         return cls(policy, load_calibrator(settings, checkpoint_dir, block_size), gate, step_cost)
 
     # ---- start-up ------------------------------------------------------------------------
@@ -153,9 +155,9 @@ class VerifyLengthScheduler:
         self.policy.forget(request_ids)
 
     def snapshot(self) -> SchedulerSnapshot:
-        cost = self.step_cost.cost if self.step_cost is not None else None
-        return SchedulerSnapshot(cost_scale=None if cost is None else cost.scale,
-                                 verify_premium=None if cost is None else cost.verify_premium,
+        learned = self.step_cost.learned if self.step_cost is not None else None
+        return SchedulerSnapshot(cost_scale=None if learned is None else learned.scale,
+                                 verify_premium=None if learned is None else learned.verify_premium,
                                  last_gain=None if self.gate is None else self.gate.last_gain)
 
     def __call__(self, draft) -> torch.Tensor:

@@ -34,20 +34,22 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
-from .cost_profile import CostProfile
+from .cost_profile import CostProfile, LearnedCost, ServedCost
 from .tuning import TUNING
 
 
 class StepCostEstimator:
-    """Median of (measured step ms / profiled forward ms) over the last ``window`` steps, written
-    into ``CostProfile.scale`` for every later lookup.
+    """Median of (measured step ms / profiled forward ms) over the last ``window`` steps: the
+    :class:`LearnedCost` it owns (``learned``), read through ``served`` by policies and the gate.
 
     Runs after every engine step, so the medians are ``statistics.median`` over at most
     ``window`` floats (no array conversion per step)."""
 
     def __init__(self, cost: CostProfile, window: int = TUNING.cost_window, min_samples: int = TUNING.cost_min_samples,
                  neighbours: int = TUNING.premium_neighbours, pair_window: int = TUNING.premium_pairs) -> None:
-        self.cost = cost
+        self.profile = cost
+        self.learned = LearnedCost()
+        self.served = ServedCost(cost, self.learned)
         self.samples: deque[float] = deque(maxlen=window)  # plain steps
         self.verify_samples: deque[float] = deque(maxlen=window)  # steps that verified drafts
         self.min_samples = min_samples
@@ -60,8 +62,8 @@ class StepCostEstimator:
     def observe(self, num_tokens: int, step_ms: float, verified_drafts: int = 0) -> None:
         """One engine step that processed ``num_tokens`` tokens, ``verified_drafts`` of them
         draft tokens, took ``step_ms`` of wall time (drafting excluded)."""
-        if 1 <= num_tokens <= self.cost.max_tokens and step_ms > 0:
-            ratio = step_ms / self.cost.forward_ms(num_tokens)
+        if 1 <= num_tokens <= self.profile.max_tokens and step_ms > 0:
+            ratio = step_ms / self.profile.forward_ms(num_tokens)
             drafted = verified_drafts > 0
             (self.verify_samples if drafted else self.samples).append(ratio)
             if self._last_drafted is not None and drafted != self._last_drafted and self._run:
@@ -70,8 +72,8 @@ class StepCostEstimator:
                 self._run.clear()
             self._run.append(ratio)
             self._last_drafted = drafted
-        self.cost.scale = self.learned_scale
-        self.cost.verify_premium = self.learned_premium
+        self.learned.scale = self.learned_scale
+        self.learned.verify_premium = self.learned_premium
 
     @property
     def learned_scale(self) -> float:
