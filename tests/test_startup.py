@@ -68,3 +68,11 @@ def test_missing_calibration_or_cost_profile_stops_start_up_with_the_path(tmp_pa
             startup.prepare_speculative_config(spec())
 
 
+
+
+def test_pipeline_parallelism_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setenv(startup.ENV_CONFIG, "llama-smollm2")
+    parallel = SimpleNamespace(pipeline_parallel_size=2, tensor_parallel_size=1)
+    with pytest.raises(startup.DSparkStartupError, match="pipeline_parallel_size is 2.*--tensor-parallel-size"):
+        startup.prepare_speculative_config(spec(target_parallel_config=parallel))
+    startup.prepare_speculative_config(spec(target_parallel_config=SimpleNamespace(pipeline_parallel_size=1)))

@@ -69,6 +69,7 @@ def main() -> None:
               max_num_seqs=args.get("max_num_seqs", 16), seed=0,
               kv_cache_memory_bytes=args.get("kv_cache_memory_bytes"), **kwargs,
               skip_tokenizer_init=args.get("skip_tokenizer_init", False),
+              tensor_parallel_size=args.get("tensor_parallel_size", 1),
               **({"block_size": args["block_size"]} if args.get("block_size") else {}))
     params = SamplingParams(temperature=args.get("temperature", 0.0), max_tokens=args.get("max_tokens", 24),
                             ignore_eos=args.get("ignore_eos", False), seed=args.get("seed"))

@@ -12,6 +12,7 @@ under load on that error. Later drafts refine the fits (they forget old points).
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,11 +44,12 @@ class StepClock:
         self._end = time.perf_counter()
 
 
-def calibrate_gate(drafter, scheduler, anchor: torch.Tensor, view: PagedContextView, temperature: torch.Tensor,
-                   all_greedy: bool, max_requests: int, generator: torch.Generator) -> None:
+def calibrate_gate(drafter, scheduler, observe: Callable[..., None], anchor: torch.Tensor, view: PagedContextView,
+                   temperature: torch.Tensor, all_greedy: bool, max_requests: int, generator: torch.Generator) -> None:
     """Time a full-block draft at each size of ``DRAFT_TIMING_SIZES`` up to ``max_requests`` (the
     requests at hand, repeated) and shallow drafts at the largest, then context ingestion, and
-    feed the scheduler's timers. Call once per engine, after a first (warm-up) draft."""
+    feed the scheduler's timers through ``observe(method, *args)`` (``RankSync.observe``: one
+    rank's clocks for all ranks). Call once per engine, after a first (warm-up) draft."""
     if not scheduler.measures_draft_time:
         return
     block = drafter.block_size
@@ -62,11 +64,11 @@ def calibrate_gate(drafter, scheduler, anchor: torch.Tensor, view: PagedContextV
                               seeds=seeds, depth=depth, all_greedy=all_greedy)
         out.tokens.cpu()  # waits for the device, as a drafted step does
         scheduler.confidences(out.confidence_logits)  # part of a drafted step's cost too
-        scheduler.observe_draft_time(size * depth, (time.perf_counter() - t0) * 1000.0)
-    _calibrate_ingestion(drafter, scheduler, sizes[-1])
+        observe("observe_draft_time", size * depth, (time.perf_counter() - t0) * 1000.0)
+    _calibrate_ingestion(drafter, observe, sizes[-1])
 
 
-def _calibrate_ingestion(drafter, scheduler, requests: int) -> None:
+def _calibrate_ingestion(drafter, observe: Callable[..., None], requests: int) -> None:
     """Flush ``INGEST_TIMING_TOKENS`` tokens per request of random features for ``requests``
     requests into a scratch pool (the live one is in use) and feed the ingestion timer."""
     scratch = PendingContext(drafter, drafter.new_pool(requests * max(INGEST_TIMING_TOKENS)))
@@ -79,4 +81,4 @@ def _calibrate_ingestion(drafter, scheduler, requests: int) -> None:
         t0 = time.perf_counter()
         tokens = scratch.flush()
         scratch.pool.keys[0][:1].cpu()  # waits for the device
-        scheduler.observe_ingest(tokens, (time.perf_counter() - t0) * 1000.0)
+        observe("observe_ingest", tokens, (time.perf_counter() - t0) * 1000.0)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import LOGGER_NAME
-from .runner_io import read_step, target_bytes_per_token, write_drafts
+from .runner_io import StepDrafts, read_step, target_bytes_per_token, write_drafts
 from .startup import claims, prepare_speculative_config
 from .verify_repair import VERIFYING, wrap_expand_batch_to_tokens
 
@@ -136,11 +136,16 @@ def propose_guarded(runner, scheduler_output, sampled_token_ids, aux_hidden_stat
     """The plugin boundary of a step: a fault inside DSpark costs this step its drafts, never the
     engine or a request (``DSparkV1Proposer.step_failed``)."""
     proposer = runner.drafter
+    faulted = False
     try:
         step = read_step(runner, scheduler_output, sampled_token_ids, aux_hidden_states, proposer.kv_group)
         drafts = proposer.propose_step(step)
     except Exception as exc:  # noqa: BLE001 - any fault in drafting must leave serving intact
-        drafts = proposer.step_failed(exc, list(runner.input_batch.req_ids))
+        drafts, faulted = proposer.step_failed(exc, list(runner.input_batch.req_ids)), True
+    # Tensor parallelism: one exchange per step, reached by every rank (rank_sync.py); a fault on
+    # any rank costs every rank the step's drafts. RankDivergence (check mode) is not caught.
+    if proposer.sync.end_step(proposer.scheduler, faulted, drafts.tokens) and not faulted:
+        drafts = StepDrafts([[] for _ in drafts.tokens])
     return write_drafts(runner, drafts)
 
 

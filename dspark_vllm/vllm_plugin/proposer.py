@@ -23,6 +23,7 @@ the confidence logits to the host (two waits); a gated step waits for nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -38,6 +39,7 @@ from . import LOGGER_NAME
 from .faults import FaultLog
 from .gate_timing import StepClock, calibrate_gate
 from .metrics import ProposerMetrics
+from .rank_sync import RankSync
 from .request_contexts import RequestContexts, RequestState
 from .runner_io import KVLayout, StepDrafts, StepInput, kv_layout
 from .startup import IN_TARGET_V4, WorkerSettings
@@ -94,17 +96,17 @@ class DSparkV1Proposer:
         self.scheduler = VerifyLengthScheduler.from_settings(self.settings, self.block_size, worker.checkpoint,
                                                              cost=cost)
         self.scheduler.check_drafter(self.drafter.confidence_head is not None)
+        self.sync = RankSync.from_vllm()  # clock observations: one journal for every TP rank
+        self._observe = functools.partial(self.sync.observe, self.scheduler)
         self.max_num_tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
-        cache_config = getattr(vllm_config, "cache_config", None)
-        self.contexts = RequestContexts(self.drafter, bool(getattr(cache_config, "enable_prefix_caching", False)),
-                                        self.scheduler.observe_ingest)
+        caching = bool(getattr(getattr(vllm_config, "cache_config", None), "enable_prefix_caching", False))
+        self.contexts = RequestContexts(self.drafter, caching, functools.partial(self._observe, "observe_ingest"))
         self.layout: KVLayout | None = None
         self.metrics = ProposerMetrics(self.block_size)
         self.seed_gen = torch.Generator().manual_seed(0)  # draft seeds of unseeded requests
         # per request: (calibrated confidences of the drafts handed to vLLM last step, depth drafted)
         self.pending: dict[str, tuple[list[float], int]] = {}
-        self.clock = StepClock()
-        self.faults = FaultLog()
+        self.clock, self.faults = StepClock(), FaultLog()
         self.trace = StepTrace.from_env()  # DSPARK_VLLM_STEP_TRACE: one JSON line per step
         self._calibrated = False  # the first draft pays one-off costs, then seeds the gate's timers
         logger.info("DSpark proposer: %s, block %d, policy %s", worker.checkpoint, self.block_size,
@@ -168,7 +170,7 @@ class DSparkV1Proposer:
                                "was not wrapped (was the dspark plugin registered in this process?)")
         step_ms, verified = self.clock.step_ended()
         if step_ms is not None:
-            self.scheduler.observe_step(step.total_tokens, step_ms, verified)
+            self._observe("observe_step", step.total_tokens, step_ms, verified)
             learned = self.scheduler.snapshot()
             self.metrics.record_learned(learned.cost_scale, learned.verify_premium)
         try:
@@ -249,7 +251,7 @@ class DSparkV1Proposer:
         fused = self.drafter.can_fuse_sampling
         if not self._calibrated:  # first-call allocations and weight gathers, then the gate's timers
             self.drafter.propose(anchor, view, temperature, fused=fused, seeds=seeds, all_greedy=all_greedy)
-            calibrate_gate(self.drafter, self.scheduler, anchor, view, temperature, all_greedy,
+            calibrate_gate(self.drafter, self.scheduler, self._observe, anchor, view, temperature, all_greedy,
                            int(self.vllm_config.scheduler_config.max_num_seqs), self.seed_gen)
             self._calibrated = True
         t_draft = time.perf_counter()
@@ -261,7 +263,7 @@ class DSparkV1Proposer:
         lengths = [depth if step.seeds[i] is not None else int(n)
                    for i, n in zip(rows, self.scheduler.lengths(conf, req_ids, load=load, width=depth))]
         draft_ms = (time.perf_counter() - t_draft) * 1000.0
-        self.scheduler.observe_draft(conf, draft_ms)
+        self._observe("observe_draft", conf, draft_ms)
         out: list[list[int]] = [[] for _ in step.req_ids]
         for j, (i, toks, n) in enumerate(zip(rows, tokens, lengths)):
             out[i] = toks[:n]

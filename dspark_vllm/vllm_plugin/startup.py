@@ -125,6 +125,18 @@ def check_drafter_folder(source: str, checkpoint: str) -> None:
                                 f"{sorted(SUPPORTED_ARCHS)} in 'architectures' (a DeepSpec-format DSpark folder)")
 
 
+def check_parallelism(spec) -> None:
+    """Tensor parallelism is supported (every rank drafts alike, ``rank_sync.py``); pipeline
+    parallelism is not: the drafter would exist on the last stage only, fed target layers that
+    live on other stages."""
+    parallel = getattr(spec, "target_parallel_config", None)
+    stages = int(getattr(parallel, "pipeline_parallel_size", 1) or 1)
+    if stages > 1:
+        raise ValueError(f"pipeline_parallel_size is {stages}, but DSpark needs every target layer it reads on the "
+                         "rank that drafts: serve with --pipeline-parallel-size 1 and scale with "
+                         "--tensor-parallel-size instead")
+
+
 def check_scheduler_files(settings: DSparkSettings, checkpoint: str, block_size: int) -> None:
     """Read the calibration file and cost profile the settings name now, so that a missing or
     malformed one stops start-up here rather than inside the worker."""
@@ -172,6 +184,7 @@ def prepare_speculative_config(spec) -> None:
             raise FileNotFoundError("speculative config method 'dspark' needs the drafter's folder in 'model' "
                                     "(only a DeepSeek-V4 target carries its drafter inside its own checkpoint)")
         checkpoint = str(Path(source).expanduser().resolve())
+        check_parallelism(spec)
         if not in_target:
             check_drafter_folder(source, checkpoint)
         settings = load_settings(settings_path(checkpoint))
