@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_result import engine_result
 
 from dspark_vllm.checkpoint import build_random_drafter, save_checkpoint
 
@@ -103,11 +104,8 @@ def chi_square(counts: torch.Tensor, expected_p: torch.Tensor) -> tuple[float, f
 
 def run_engine(args_file: Path, **args) -> dict:
     args_file.write_text(json.dumps(args))
-    proc = subprocess.run([sys.executable, ENGINE, f"@{args_file}"], capture_output=True, text=True, timeout=900)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise AssertionError(f"engine failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    return engine_result(subprocess.run([sys.executable, ENGINE, f"@{args_file}"], capture_output=True, text=True,
+                                        timeout=900))
 
 
 @pytest.fixture(scope="module")

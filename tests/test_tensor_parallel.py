@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_result import engine_result
 
 from dspark_vllm.checkpoint import build_random_drafter, save_checkpoint
 
@@ -34,13 +35,6 @@ def run(args: dict, extra_env: dict | None = None) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=900, env=env)
 
 
-def result(proc: subprocess.CompletedProcess) -> dict:
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise AssertionError(f"engine failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -60,10 +54,10 @@ def test_tp2_greedy_identical_to_no_speculation(tiny):
     common = {"target": tiny["target"], "prompts": PROMPTS, "max_tokens": 24, "ignore_eos": True,
               "skip_tokenizer_init": True, "params": [{"temperature": 0.0, "max_tokens": 24, "ignore_eos": True,
                                                       "detokenize": False}] * len(PROMPTS)}
-    plain = result(run(common))
+    plain = engine_result(run(common))
     metrics_dir = tiny["folder"] / "metrics"
     metrics_dir.mkdir()
-    spec = result(run({**common, "drafter": tiny["drafter"]}, {"DSPARK_VLLM_METRICS_DIR": str(metrics_dir)}))
+    spec = engine_result(run({**common, "drafter": tiny["drafter"]}, {"DSPARK_VLLM_METRICS_DIR": str(metrics_dir)}))
     assert spec["outputs"] == plain["outputs"]
     assert spec["metrics"]["vllm:spec_decode_num_drafts"] > 0
     # one series per server: rank 0 alone reports, and counts what vLLM verified (not twice)
@@ -80,7 +74,7 @@ def test_tp2_sampling_with_the_rank_check_on_and_its_negative_control(tiny):
                "detokenize": False} for i in range(48)]
     common = {"target": tiny["target"], "drafter": tiny["drafter"], "prompts": [PROMPTS[i % 8] for i in range(48)],
               "skip_tokenizer_init": True, "params": params}
-    checked = result(run(common, {"DSPARK_VLLM_TP_CHECK": "1"}))
+    checked = engine_result(run(common, {"DSPARK_VLLM_TP_CHECK": "1"}))
     assert [len(o) for o in checked["outputs"][0]] == [24] * 48
     assert checked["metrics"]["vllm:spec_decode_num_drafts"] > 0
     planted = run(common, {"DSPARK_VLLM_TP_CHECK": "1", "DSPARK_TEST_RANK_DEPENDENT_DEPTH": "1",
