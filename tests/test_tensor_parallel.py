@@ -46,11 +46,14 @@ def tiny(tmp_path_factory):
                       tie_word_embeddings=False, eos_token_id=0, bos_token_id=1)
     model = Qwen3ForCausalLM(cfg).eval()
     model.save_pretrained(folder / "target")
-    save_checkpoint(build_random_drafter(model, num_layers=1, block_size=4, markov_rank=8), folder / "drafter")
-    return {"target": str(folder / "target"), "drafter": str(folder / "drafter"), "folder": folder}
+    drafter = build_random_drafter(model, num_layers=1, block_size=4, markov_rank=8)
+    save_checkpoint(drafter, folder / "drafter")
+    save_checkpoint(drafter, folder / "drafter-shared", shared_embeddings=True)  # binds the target's at load
+    return {"target": str(folder / "target"), "drafter": str(folder / "drafter"),
+            "shared": str(folder / "drafter-shared"), "folder": folder}
 
 
-def test_tp2_greedy_identical_to_no_speculation(tiny):
+def test_tp2_greedy_identical_to_no_speculation_with_and_without_shared_embeddings(tiny):
     common = {"target": tiny["target"], "prompts": PROMPTS, "max_tokens": 24, "ignore_eos": True,
               "skip_tokenizer_init": True, "params": [{"temperature": 0.0, "max_tokens": 24, "ignore_eos": True,
                                                       "detokenize": False}] * len(PROMPTS)}
@@ -63,6 +66,11 @@ def test_tp2_greedy_identical_to_no_speculation(tiny):
     # one series per server: rank 0 alone reports, and counts what vLLM verified (not twice)
     assert len(list(metrics_dir.glob("*.json"))) == 1
     assert spec["dspark"]["admitted"] == spec["metrics"]["vllm:spec_decode_num_draft_tokens"]
+    # a drafter saved without its embedding binds the target's vocab-parallel shards, gathered
+    shared = engine_result(run({**common, "drafter": tiny["shared"]}))
+    assert shared["outputs"] == plain["outputs"] and shared["outputs"][0] == spec["outputs"][0]
+    assert shared["metrics"]["vllm:spec_decode_num_accepted_tokens"] == spec["metrics"][
+        "vllm:spec_decode_num_accepted_tokens"]  # same weights after the gather: same drafts
 
 
 def test_tp2_sampling_with_the_rank_check_on_and_its_negative_control(tiny):

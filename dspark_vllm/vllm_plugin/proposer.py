@@ -147,13 +147,14 @@ class DSparkV1Proposer:
         return tuple(i + 1 for i in self.drafter.config.target_layer_ids)
 
     def load_model(self, target_model) -> None:
-        """vLLM calls this after loading the target: a drafter saved with shared embeddings
-        (``dspark_shared_embeddings``) takes the target's embedding and LM head here."""
+        """After vLLM loads the target, a shared-embedding drafter takes the target's embedding and LM
+        head (gathered once from the vocab-parallel shards under tensor parallelism: a copy per rank)."""
         if self.drafter.embeddings_bound:
             return
-        embed, lm_head = target_embedding_weights(target_model)
+        embed, lm_head = (self.sync.gather_rows(w) for w in target_embedding_weights(target_model))
         self.drafter.bind_target_embeddings(embed, lm_head)
-        logger.info("DSpark drafter bound to the target's embedding and LM head")
+        logger.info("DSpark drafter bound to the target's embedding and LM head (%.1f MiB on this rank)",
+                    (self.drafter.embed_tokens.weight.nbytes + self.drafter.lm_head.weight.nbytes) / 2**20)
 
     def propose(self, *args, **kwargs):
         raise RuntimeError("DSparkV1Proposer.propose is driven through propose_step by the dspark plugin; "
@@ -162,9 +163,8 @@ class DSparkV1Proposer:
     # ---- per step --------------------------------------------------------------------------
     @torch.no_grad()
     def propose_step(self, step: StepInput) -> StepDrafts:
-        """Draft for every request in the batch (called by the plugin after each target step).
-        The time since the previous call is one engine step without our drafting: the scheduler's
-        step-cost estimator learns from it and the tokens that step processed."""
+        """Draft for the batch after each target step; the time since the previous call (one engine
+        step, drafting excluded) and its tokens teach the scheduler's step-cost estimator."""
         if self.pool is None:
             raise RuntimeError("DSpark's draft context pool is not allocated: the runner's initialize_kv_cache "
                                "was not wrapped (was the dspark plugin registered in this process?)")

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 ENV_TP_CHECK = "DSPARK_VLLM_TP_CHECK"
 
@@ -52,6 +55,11 @@ class RankSync:
     @property
     def shared(self) -> bool:
         return self.group is not None
+
+    def gather_rows(self, shard: "torch.Tensor") -> "torch.Tensor":
+        """The whole tensor from each rank's row shard (vLLM's vocab-parallel embedding and LM
+        head hold rows [r*V/tp, (r+1)*V/tp) on rank r); the shard itself with one rank."""
+        return shard if self.group is None else self.group.all_gather(shard.contiguous(), dim=0)
 
     def observe(self, target: Any, method: str, *args) -> None:
         """Call ``target.method(*args)`` now with one rank, at the end of the step with rank 0's
