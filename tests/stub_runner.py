@@ -18,6 +18,7 @@ from dspark_vllm.vllm_plugin.patches import propose_guarded
 PAGE = 16
 NUM_BLOCKS = 64
 MAX_BLOCKS_PER_REQ = 16
+KV_BYTES = 4 * 2**30  # the KV budget the runner reports (accounting only: sizes the drafting cap, allocates nothing)
 
 
 class StubBlockTable:
@@ -36,7 +37,7 @@ class StubRunner:
             temperature_cpu=np.zeros(max_reqs, dtype=np.float32), block_table=[table])
         spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=1, head_size=64, dtype=torch.float32)
         self.kv_cache_config = types.SimpleNamespace(  # the fields of vLLM's KVCacheConfig that are read
-            num_blocks=NUM_BLOCKS, kv_cache_tensors=[types.SimpleNamespace(size=NUM_BLOCKS * spec.page_size_bytes)],
+            num_blocks=NUM_BLOCKS, kv_cache_tensors=[types.SimpleNamespace(size=KV_BYTES)],
             kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
         self.blocks: dict[str, list[int]] = {}
         self._next_block = 1

@@ -262,3 +262,25 @@ def test_departed_requests_write_their_queue_only_with_prefix_caching(monkeypatc
         runner.step(p, [3], [1])
         assert "a" not in p.requests and p.context.pending_tokens(p.requests["b"].key) == 4
         assert bool(pool_rows(p, runner, "a", 20).abs().sum(dim=(1, 2)).gt(0).all()) == caching
+
+
+def test_drafting_requests_per_step_are_capped_by_the_workspace(proposer, monkeypatch):
+    """The proposer lets only as many requests draft in one step as the reserved workspace holds
+    (workspace.py), seeded ones first; the cap follows from the KV memory vLLM allocated."""
+    from dspark_vllm.scheduler.draft_gate import DraftPlan
+    from dspark_vllm.vllm_plugin.workspace import bytes_per_request, max_drafting_requests, workspace_reservation
+
+    p, runner = proposer
+    per = bytes_per_request(p.block_size, p.drafter.config.vocab_size)
+    assert max_drafting_requests(2**40, 8, p.block_size, p.drafter.config.vocab_size) == 8  # bounded by max_num_seqs
+    assert max_drafting_requests(0, 8, p.block_size, p.drafter.config.vocab_size) == 1  # always one
+    share = 0.08
+    assert max_drafting_requests(int(3 * per * (1 - share) / share) + 1, 8, p.block_size,
+                                 p.drafter.config.vocab_size, share) == 3
+    assert workspace_reservation(10**12, 8, p.block_size, p.drafter.config.vocab_size) == 8 * per  # all requests
+    assert workspace_reservation(10**6, 8, p.block_size, p.drafter.config.vocab_size, share) == int(10**6 * share)
+    monkeypatch.setattr(p.scheduler, "plan", lambda n, load=None: DraftPlan(n, None))
+    run_step(p, runner, [0] * NUM_REQS, [5, 6, 7, 8])
+    p.max_drafting = 2
+    drafts = run_step(p, runner, [5, 6, 7, 8], [1] * NUM_REQS)
+    assert sum(1 for d in drafts if d) == 2

@@ -41,10 +41,12 @@ class Shape:
     target_kv_heads: int
     target_head_dim: int
     kv_budget_gib: float  # vLLM's KV cache budget where this target is served
+    vocab: int = 151936   # target vocabulary (the drafter's per-step workspace is vocabulary-wide)
+    block: int = 7
 
 
 SHAPES = (
-    Shape("SmolLM2-135M drafter (fp32, CPU)", 2, 3, 64, torch.float32, 30, 3, 64, 1.0),
+    Shape("SmolLM2-135M drafter (fp32, CPU)", 2, 3, 64, torch.float32, 30, 3, 64, 1.0, vocab=49152),
     Shape("Qwen3-8B DeepSpec drafter (bf16, H200 at 0.92)", 5, 8, 128, torch.bfloat16, 36, 8, 128, 110.0),
 )
 WORKLOADS = {"(a) 16 x 2,000-token prompts": [2000] * 16,
@@ -82,6 +84,23 @@ def report(max_num_seqs: int, block_size: int, budget_gib: float | None) -> list
     return rows
 
 
+def workspace_report(max_num_seqs: int, budget_gib: float | None) -> list[dict]:
+    """The drafter's per-step workspace (base logits, q, a temporary; fp32, vocabulary-wide) if
+    every request drafted at once (before: unbounded, outside vLLM's budget) and as reserved now
+    (``vllm_plugin/workspace.py``: from the KV budget, capping the requests drafting per step)."""
+    from ..vllm_plugin.workspace import bytes_per_request, max_drafting_requests, workspace_reservation
+
+    rows = []
+    for shape in SHAPES:
+        budget = int((budget_gib or shape.kv_budget_gib) * 2**30)
+        per = bytes_per_request(shape.block, shape.vocab)
+        reserved = workspace_reservation(budget, max_num_seqs, shape.block, shape.vocab)
+        cap = max_drafting_requests(budget - reserved, max_num_seqs, shape.block, shape.vocab)
+        rows.append({"shape": shape.name, "unbounded": max_num_seqs * per, "reserved": reserved, "cap": cap,
+                     "budget": budget})
+    return rows
+
+
 def _gib(x: float) -> str:
     return f"{x / 2**30:8.2f} GiB" if x >= 2**30 else f"{x / 2**20:8.1f} MiB"
 
@@ -100,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label[:57]:<58}{_gib(r['dense']):>13}{_gib(r['pool']):>13}{_gib(r['in_use']):>13}"
               f"{r['dense'] / r['pool']:>10.1f}x{r['dense'] / r['in_use']:>12.1f}x"
               + ("" if r["fits"] else "  (exceeds vLLM's KV cache: vLLM queues or preempts)"))
+    print(f"\ndrafter workspace per step at max_num_seqs {a.max_num_seqs} (base logits + q + temporary, fp32)")
+    print(f"{'drafter':<58}{'every request':>15}{'reserved':>13}{'of budget':>10}{'drafting cap':>14}")
+    for r in workspace_report(a.max_num_seqs, a.kv_budget_gib):
+        print(f"{r['shape'][:57]:<58}{_gib(r['unbounded']):>15}{_gib(r['reserved']):>13}"
+              f"{r['reserved'] / r['budget']:>9.1%}{r['cap']:>14d}")
     return 0
 
 

@@ -29,6 +29,8 @@ class Tuning:
     queue_max_tokens: int = 512         # per request: a backlog this long is written at once (batches well)
     queue_max_bytes: int = 256 << 20    # all requests: small next to any KV budget, far above a decode backlog
     queue_refill_fraction: float = 0.75  # over max_bytes, the largest backlogs are written until the rest fit in this share
+    # drafter workspace (vllm_plugin/workspace.py)
+    workspace_share: float = 0.08       # at most this share of the KV budget holds the base logits and q of a step
 
 
 TUNING = Tuning()

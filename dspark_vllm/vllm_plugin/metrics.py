@@ -116,6 +116,19 @@ class ProposerMetrics:
         self.cost_scale = 1.0 if cost_scale is None else cost_scale
         self.verify_premium = 1.0 if verify_premium is None else verify_premium
 
+    def record_verified_step(self, pending: dict, req_ids: list[str], num_spec, sampled: list[list[int]],
+                             rows: list[int]) -> None:
+        """The drafts each row had verified in the step that just ended: ``pending`` maps request
+        id -> (confidences handed out, depth drafted), popped here; ``num_spec`` [R] is what vLLM
+        scheduled for verification, ``sampled`` [R] what the step emitted."""
+        for row in rows:
+            handed = pending.pop(req_ids[row], None)
+            verified = int(num_spec[row])
+            if handed and verified:
+                confidences, depth = handed
+                self.record_outcome(confidences[:verified], len(sampled[row]) - 1)
+                self.record_verified(depth, verified)
+
     def record_outcome(self, confidences: list[float], num_accepted: int) -> None:
         """One request's verified drafts (one confidence each): positions 0..num_accepted-1
         accepted, and position num_accepted reached but rejected when some draft was."""

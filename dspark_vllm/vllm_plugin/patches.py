@@ -25,6 +25,7 @@ from . import LOGGER_NAME
 from .runner_io import StepDrafts, read_step, target_bytes_per_token, write_drafts
 from .startup import claims, prepare_speculative_config
 from .verify_repair import VERIFYING, wrap_expand_batch_to_tokens
+from .workspace import workspace_reservation
 
 logger = logging.getLogger(LOGGER_NAME)
 WRAPPED = "_dspark_wrapped"  # marks an installed wrapper (install is idempotent)
@@ -97,8 +98,8 @@ def draft_context_share(worker, available: int) -> int:
 
 
 def wrap_available_memory(original: Callable) -> Callable:
-    """Take the draft context pool's share out of the KV budget a worker reports, before the
-    engine sizes vLLM's cache from it."""
+    """Take the draft context pool's share and the drafter's workspace (``workspace.py``) out of
+    the KV budget a worker reports, before the engine sizes vLLM's cache from it."""
 
     def determine_available_memory(self, *args, **kwargs):
         if getattr(self, "_dspark_in_budget", False):  # a subclass calling its parent
@@ -111,9 +112,12 @@ def wrap_available_memory(original: Callable) -> Callable:
         if not _is_ours(self.model_runner):
             return available
         share = draft_context_share(self, available)
-        logger.info("DSpark: %.1f MiB of the %.1f MiB KV budget go to the draft context pool",
-                    share / 2**20, available / 2**20)
-        return available - share
+        proposer = self.model_runner.drafter
+        workspace = workspace_reservation(available, int(proposer.vllm_config.scheduler_config.max_num_seqs),
+                                          proposer.block_size, proposer.drafter.config.vocab_size)
+        logger.info("DSpark: %.1f MiB of the %.1f MiB KV budget go to the draft context pool, %.1f MiB to the "
+                    "drafter's per-step workspace", share / 2**20, available / 2**20, workspace / 2**20)
+        return available - share - workspace
 
     return determine_available_memory
 

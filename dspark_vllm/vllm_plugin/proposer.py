@@ -43,6 +43,7 @@ from .rank_sync import RankSync
 from .request_contexts import RequestContexts, RequestState
 from .runner_io import KVLayout, StepDrafts, StepInput, kv_layout
 from .startup import IN_TARGET_V4, WorkerSettings
+from .workspace import max_drafting_requests
 from .step_trace import StepTrace
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -102,6 +103,7 @@ class DSparkV1Proposer:
         caching = bool(getattr(getattr(vllm_config, "cache_config", None), "enable_prefix_caching", False))
         self.contexts = RequestContexts(self.drafter, caching, functools.partial(self._observe, "observe_ingest"))
         self.layout: KVLayout | None = None
+        self.max_drafting = int(vllm_config.scheduler_config.max_num_seqs)  # requests drafting per step (workspace)
         self.metrics = ProposerMetrics(self.block_size)
         self.seed_gen = torch.Generator().manual_seed(0)  # draft seeds of unseeded requests
         # per request: (calibrated confidences of the drafts handed to vLLM last step, depth drafted)
@@ -128,11 +130,14 @@ class DSparkV1Proposer:
         """Allocate the pool once vLLM has sized its KV cache: one draft slot per target slot."""
         self.layout = kv_layout(runner)
         self.contexts.bind(self.drafter.new_pool(self.layout.num_slots))
+        self.max_drafting = max_drafting_requests(self.layout.target_bytes + self.pool.nbytes, int(
+            self.vllm_config.scheduler_config.max_num_seqs), self.block_size, self.drafter.config.vocab_size)
         self.pending.clear()
         self.metrics.context_pool_bytes = self.pool.nbytes
         logger.info("DSpark draft context pool: %d token slots x %d B = %.1f MiB, mirroring KV cache group %d "
-                    "(vLLM's own KV cache: %.1f MiB)", self.layout.num_slots, self.context_bytes_per_token(),
-                    self.pool.nbytes / 2**20, self.layout.group, self.layout.target_bytes / 2**20)
+                    "(vLLM's own KV cache: %.1f MiB); at most %d requests draft per step (workspace)",
+                    self.layout.num_slots, self.context_bytes_per_token(), self.pool.nbytes / 2**20, self.layout.group,
+                    self.layout.target_bytes / 2**20, self.max_drafting)
 
     @property
     def kv_group(self) -> int:
@@ -198,7 +203,7 @@ class DSparkV1Proposer:
             self.pending.pop(req_id, None)
         self.scheduler.forget(gone)
         rows, states = self.contexts.admit(step)
-        self._record_outcomes(step, rows)
+        self.metrics.record_verified_step(self.pending, step.req_ids, step.num_spec, step.sampled, rows)
         load = StepLoad(base_tokens=len(step.req_ids) - len(rows), max_num_tokens=self.max_num_tokens)
         picked, depth = self._pick(step, rows, load)
         if not picked:  # nothing to draft from, or gated: plain decoding this step
@@ -212,17 +217,6 @@ class DSparkV1Proposer:
         load = StepLoad(base_tokens=len(step.req_ids) - len(rows), max_num_tokens=self.max_num_tokens)
         return self._draft(step, rows, states, depth, load, ready)
 
-    def _record_outcomes(self, step: StepInput, rows: list[int]) -> None:
-        """Acceptance of the drafts each request had verified in the step that just ended (what
-        vLLM scheduled for verification: ``num_spec``)."""
-        for row in rows:
-            handed = self.pending.pop(step.req_ids[row], None)
-            verified = int(step.num_spec[row])
-            if handed and verified:
-                confidences, depth = handed
-                self.metrics.record_outcome(confidences[:verified], len(step.sampled[row]) - 1)
-                self.metrics.record_verified(depth, verified)
-
     def _pick(self, step: StepInput, rows: list[int], load: StepLoad) -> tuple[list[int], int]:
         """(indices into ``rows`` that draft this step, draft depth): the scheduler's plan, plus
         every seeded request at the full block (reproducible text whatever the clocks say)."""
@@ -233,6 +227,8 @@ class DSparkV1Proposer:
         seeded = [j for j, i in enumerate(rows) if step.seeds[i] is not None]
         if seeded:
             picked, depth = sorted(set(picked) | set(seeded)), self.block_size
+        if len(picked) > self.max_drafting:  # the workspace bound (workspace.py): seeded requests first
+            picked = sorted(sorted(picked, key=lambda j: step.seeds[rows[j]] is None)[: self.max_drafting])
         return picked, depth
 
     def _draft(self, step: StepInput, rows: list[int], states: list[RequestState], depth: int,
@@ -252,7 +248,7 @@ class DSparkV1Proposer:
         if not self._calibrated:  # first-call allocations and weight gathers, then the gate's timers
             self.drafter.propose(anchor, view, temperature, fused=fused, seeds=seeds, all_greedy=all_greedy)
             calibrate_gate(self.drafter, self.scheduler, self._observe, anchor, view, temperature, all_greedy,
-                           int(self.vllm_config.scheduler_config.max_num_seqs), self.seed_gen)
+                           self.max_drafting, self.seed_gen)
             self._calibrated = True
         t_draft = time.perf_counter()
         block = self.drafter.propose(anchor, view, temperature, fused=fused, seeds=seeds, depth=depth,
