@@ -1,5 +1,7 @@
 """Start-up without an engine: validation errors, routing, and the worker's one settings object."""
 
+import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -7,6 +9,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from dspark_vllm.drafters import SMOLLM2_DRAFTER  # noqa: E402
+from dspark_vllm.scheduler import CostProfile, STSCalibrator  # noqa: E402
 from dspark_vllm.settings import CONFIGS_DIR  # noqa: E402
 from dspark_vllm.vllm_plugin import startup  # noqa: E402
 
@@ -27,7 +30,44 @@ def test_a_valid_config_is_routed_and_hands_the_worker_one_object(monkeypatch):
     assert worker.settings_source == str(CONFIGS_DIR / "llama-smollm2.yaml")
     settings = worker.dspark_settings()  # no YAML read in the worker: rebuilt from the object
     assert settings.scheduler.policy == "causal_greedy"
-    assert settings.resolve(settings.scheduler.cost_profile).exists()  # relative paths still resolve
+    stored = CostProfile.load(settings.resolve(settings.scheduler.cost_profile))
+    assert worker.cost_profile == stored.to_dict()  # the contents travel, not the path
+
+
+def test_a_worker_on_another_node_needs_only_the_checkpoint(tmp_path, monkeypatch):
+    """The head node's settings folder (YAML, calibration, cost profile) is gone when the worker
+    builds its scheduler, as on a second node: everything but the checkpoint was carried."""
+    head = tmp_path / "head"
+    head.mkdir()
+    CostProfile([1, 64, 128], [10.0, 11.0, 15.0], "head-node", 128).save(head / "profile.json")
+    STSCalibrator([1.5] * 7).save(head / "cal.json")
+    (head / "dspark.yaml").write_text("scheduler:\n  policy: causal_greedy\n  cost_profile: profile.json\n"
+                                      "  profile_at_startup: false\ncalibration:\n  file: cal.json\n")
+    monkeypatch.setenv(startup.ENV_CONFIG, str(head / "dspark.yaml"))
+    monkeypatch.delenv(startup.RAY_PREFIXES, raising=False)
+    startup.prepare_speculative_config(spec())
+    shutil.rmtree(head)
+    monkeypatch.chdir(tmp_path)
+    scheduler = startup.WorkerSettings.from_env().scheduler(7)
+    assert scheduler.calibrator.temperatures == [1.5] * 7
+    assert scheduler.step_cost.served.profile.device == "head-node"
+    assert scheduler.step_cost.served.profile.step_ms == [10.0, 11.0, 15.0]
+
+
+def test_ray_workers_are_handed_every_dspark_variable(monkeypatch):
+    """vLLM's own Ray env list (what a Ray actor on another node receives) names our variables,
+    and a user's own extra prefixes stay."""
+    from vllm.ray.ray_env import get_env_vars_to_copy
+
+    monkeypatch.setenv(startup.RAY_PREFIXES, "MY_TEAM_")
+    monkeypatch.setenv(startup.ENV_CONFIG, "llama-smollm2")
+    monkeypatch.setenv("DSPARK_VLLM_METRICS_DIR", "/dev/shm/x")
+    monkeypatch.setenv("MY_TEAM_FLAG", "1")
+    startup.prepare_speculative_config(spec())
+    startup.prepare_speculative_config(spec())  # idempotent
+    assert os.environ[startup.RAY_PREFIXES] == "MY_TEAM_,DSPARK_VLLM_"
+    copied = get_env_vars_to_copy()
+    assert {startup.ENV_WORKER, startup.ENV_CONFIG, "DSPARK_VLLM_METRICS_DIR", "MY_TEAM_FLAG"} <= copied
 
 
 def test_wrong_block_size_and_missing_handover_are_explained(monkeypatch):

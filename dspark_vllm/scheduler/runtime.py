@@ -40,11 +40,17 @@ def load_cost_profile(settings: "DSparkSettings") -> CostProfile | None:
     return None if path is None else CostProfile.load(path)
 
 
-def load_calibrator(settings: "DSparkSettings", checkpoint_dir: str | Path | None, block_size: int) -> STSCalibrator:
-    """The configured STS file, else calibration.json beside the checkpoint, else identity."""
+def calibration_path(settings: "DSparkSettings", checkpoint_dir: str | Path | None) -> Path | None:
+    """The configured STS file, else calibration.json beside the checkpoint, else None (identity)."""
     path = settings.resolve(settings.calibration.file)
     if path is None and checkpoint_dir is not None and (Path(checkpoint_dir) / CALIBRATION_FILE).exists():
         path = Path(checkpoint_dir) / CALIBRATION_FILE
+    return path
+
+
+def load_calibrator(settings: "DSparkSettings", checkpoint_dir: str | Path | None, block_size: int) -> STSCalibrator:
+    """The configured STS file, else calibration.json beside the checkpoint, else identity."""
+    path = calibration_path(settings, checkpoint_dir)
     if path is None:
         return STSCalibrator.identity(block_size)
     cal = STSCalibrator.load(path)
@@ -76,7 +82,9 @@ class VerifyLengthScheduler:
 
     @classmethod
     def from_settings(cls, settings: "DSparkSettings", block_size: int, checkpoint_dir: str | Path | None = None,
-                      cost: CostProfile | None = None) -> "VerifyLengthScheduler":
+                      cost: CostProfile | None = None,
+                      calibrator: STSCalibrator | None = None) -> "VerifyLengthScheduler":
+        """``cost`` / ``calibrator`` given: used as they are, no file is read for them."""
         sched = settings.scheduler
         profile = cost or load_cost_profile(settings)
         if profile is None and POLICIES[sched.policy].load_aware:
@@ -91,7 +99,7 @@ class VerifyLengthScheduler:
         if policy.load_aware and sched.draft_gate:
             gate = DraftGate(served, block_size, smooth=sched.smooth_cost, min_gain=sched.gate_min_gain,
                              adaptive_depth=sched.adaptive_depth, learn_premium=step_cost is not None)
-        return cls(policy, load_calibrator(settings, checkpoint_dir, block_size), gate, step_cost)
+        return cls(policy, calibrator or load_calibrator(settings, checkpoint_dir, block_size), gate, step_cost)
 
     # ---- start-up ------------------------------------------------------------------------
     def check_drafter(self, has_confidence_head: bool) -> None:

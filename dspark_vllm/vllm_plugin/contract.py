@@ -115,6 +115,8 @@ FACTS: tuple[Fact, ...] = (
     Fact("vllm.v1.worker.gpu_model_runner", "self._draft_prob_req_ids", "q rows are looked up by request id"),
     Fact("vllm.v1.worker.gpu_model_runner", "use_aux_hidden_state_outputs", "the target returns aux hidden states"),
     Fact("vllm.v1.worker.gpu_model_runner", "self.drafter.load_model", "the runner hands the target to the proposer"),
+    Fact("vllm.ray.ray_env", "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY",
+         "Ray workers receive DSPARK_VLLM_* variables when listed there (multi-node TP)"),
 )
 
 

@@ -34,7 +34,7 @@ from ..checkpoint import load_checkpoint
 from ..drafter_protocol import DraftModel
 from ..paged_context import to_device
 from ..sampling import GREEDY_EPS, SEED_LIMIT, derive_seed
-from ..scheduler import CostProfile, StepLoad, VerifyLengthScheduler
+from ..scheduler import StepLoad
 from . import LOGGER_NAME
 from .faults import FaultLog
 from .gate_timing import StepClock, calibrate_gate
@@ -93,9 +93,7 @@ class DSparkV1Proposer:
         self.drafter: DraftModel = load_drafter(worker, dtype if isinstance(dtype, torch.dtype) else None,
                                     self.settings.draft_vocab_size)
         self.block_size = self.drafter.block_size
-        cost = CostProfile.load(worker.cost_profile) if worker.cost_profile else None
-        self.scheduler = VerifyLengthScheduler.from_settings(self.settings, self.block_size, worker.checkpoint,
-                                                             cost=cost)
+        self.scheduler = worker.scheduler(self.block_size)
         self.scheduler.check_drafter(self.drafter.confidence_head is not None)
         self.sync = RankSync.from_vllm()  # clock observations: one journal for every TP rank
         self._observe = functools.partial(self.sync.observe, self.scheduler)

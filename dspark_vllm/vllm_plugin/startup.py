@@ -3,9 +3,12 @@
 Runs in the process that builds vLLM's config (the API server, or the ``LLM`` caller) before any
 engine process exists. Every mismatch between the checkpoint, the target and the YAML settings
 is raised here as a :class:`DSparkStartupError` naming the problem and the fix, not as a
-traceback from inside vLLM. What the worker needs (checkpoint folder, validated settings,
-measured cost profile) travels as one :class:`WorkerSettings` JSON in ``DSPARK_VLLM_WORKER``,
-inherited by the engine and worker processes; the proposer reads it once.
+traceback from inside vLLM. What the worker needs (checkpoint folder, validated settings, the
+calibration temperatures and cost profile themselves, not their paths) travels as one
+:class:`WorkerSettings` JSON in ``DSPARK_VLLM_WORKER``, inherited by the engine and worker
+processes (and copied to Ray workers on other nodes, see :func:`carry_to_ray_workers`); the
+proposer reads it once. The only file a worker opens is the drafter checkpoint, which must sit
+at the same absolute path on every node, as vLLM requires of a local model folder.
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..checkpoint import CheckpointMismatchError, load_config, validate_against_target, validate_block_size
 from ..drafter_config import SUPPORTED_ARCHS, DSparkConfigError
 from ..scheduler import require_confidence_head
 from ..settings import CONFIGS_DIR, DSparkSettings, SettingsError, load_settings, settings_from_dict
 from . import LOGGER_NAME
+
+if TYPE_CHECKING:
+    from ..scheduler import VerifyLengthScheduler
 
 PROPOSER_PATH = "dspark_vllm.vllm_plugin.proposer.DSparkV1Proposer"
 ENV_CONFIG = "DSPARK_VLLM_CONFIG"    # user's choice of YAML settings (a path or a name in configs/)
@@ -35,14 +42,35 @@ class DSparkStartupError(ValueError):
     """DSpark cannot start with this configuration; the message says why and what to do."""
 
 
+RAY_PREFIXES = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"  # vLLM's list of extra prefixes for Ray workers
+OUR_PREFIX = "DSPARK_VLLM_"
+
+
+def carry_to_ray_workers() -> None:
+    """Add ``DSPARK_VLLM_`` to the prefixes vLLM's Ray executor copies into its workers.
+
+    Processes that vLLM forks or spawns inherit ``os.environ``; Ray actors (multi-node tensor
+    parallelism) get only the variables vLLM lists, so without this a worker on another node
+    would have no ``DSPARK_VLLM_WORKER``. The user's own entries are kept.
+    """
+    current = [p.strip() for p in os.environ.get(RAY_PREFIXES, "").split(",") if p.strip()]
+    if OUR_PREFIX not in current:
+        os.environ[RAY_PREFIXES] = ",".join(current + [OUR_PREFIX])
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
-    """Everything the worker-side proposer needs, validated once at start-up."""
+    """Everything the worker-side proposer needs, validated once at start-up.
+
+    File contents, not paths, for everything but the checkpoint: a worker on another node has
+    neither the head node's YAML folder nor its start-up profile cache.
+    """
 
     checkpoint: str          # the drafter's folder (for DeepSeek-V4: the target's, holding mtp.*)
     settings: dict           # DSparkSettings.model_dump()
     settings_source: str | None = None
-    cost_profile: str | None = None  # profile measured at start-up (scheduler.profile_at_startup)
+    cost_profile: dict | None = None        # CostProfile.to_dict(): configured or measured at start-up
+    calibration: list[float] | None = None  # STS temperatures per position; None: identity
     drafter_format: str = DEEPSPEC   # DEEPSPEC folder, or IN_TARGET_V4 (the target's mtp.* stages)
 
     def dspark_settings(self) -> DSparkSettings:
@@ -54,6 +82,17 @@ class WorkerSettings:
     def export(self) -> None:
         """Hand these settings to the engine and worker processes started after this call."""
         os.environ[ENV_WORKER] = self.to_json()
+        carry_to_ray_workers()
+
+    def scheduler(self, block_size: int) -> "VerifyLengthScheduler":
+        """The verify-length scheduler these settings describe, built from the carried contents."""
+        from ..scheduler import CostProfile, STSCalibrator, VerifyLengthScheduler
+
+        calibrator = (STSCalibrator.identity(block_size) if self.calibration is None
+                      else STSCalibrator(list(self.calibration)))
+        cost = None if self.cost_profile is None else CostProfile(**self.cost_profile)
+        return VerifyLengthScheduler.from_settings(self.dspark_settings(), block_size, cost=cost,
+                                                   calibrator=calibrator)
 
     @classmethod
     def from_env(cls) -> "WorkerSettings":
@@ -64,9 +103,18 @@ class WorkerSettings:
         return cls(**json.loads(raw))
 
     @classmethod
-    def for_checkpoint(cls, checkpoint: str | Path, settings: DSparkSettings, cost_profile: str | None = None,
+    def for_checkpoint(cls, checkpoint: str | Path, settings: DSparkSettings, measured_profile: str | Path | None = None,
                        drafter_format: str = DEEPSPEC) -> "WorkerSettings":
-        return cls(str(checkpoint), settings.model_dump(), settings.source, cost_profile, drafter_format)
+        """Read the calibration and cost profile the settings name (or ``measured_profile``,
+        measured at start-up) here, on the node that starts the server."""
+        from ..scheduler.runtime import calibration_path, load_cost_profile
+        from ..scheduler import CostProfile, STSCalibrator
+
+        profile = CostProfile.load(measured_profile) if measured_profile else load_cost_profile(settings)
+        cal_file = calibration_path(settings, checkpoint)
+        temperatures = None if cal_file is None else STSCalibrator.load(cal_file).temperatures
+        return cls(str(checkpoint), settings.model_dump(), settings.source,
+                   None if profile is None else profile.to_dict(), temperatures, drafter_format)
 
 
 def settings_path(checkpoint: str | None) -> Path:
@@ -200,8 +248,7 @@ def prepare_speculative_config(spec) -> None:
         from .startup_profile import ensure_startup_profile
 
         dtype = str(spec.target_model_config.dtype).replace("torch.", "")
-        profile = str(ensure_startup_profile(spec.target_model_config.model, settings.scheduler.profile_max_tokens,
-                                             dtype))
+        profile = ensure_startup_profile(spec.target_model_config.model, settings.scheduler.profile_max_tokens, dtype)
     WorkerSettings.for_checkpoint(checkpoint, settings, profile, IN_TARGET_V4 if in_target else DEEPSPEC).export()
     spec.num_speculative_tokens = block
     spec.method = "custom_class"
