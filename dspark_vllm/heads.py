@@ -151,4 +151,4 @@ class ConfidenceHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, prev_embedding: torch.Tensor | None) -> torch.Tensor:
         feats = hidden if prev_embedding is None else torch.cat([hidden, prev_embedding.to(hidden.dtype)], dim=-1)
-        return self.proj(feats).float().squeeze(-1)
+        return self.proj(feats.to(self.proj.weight.dtype)).float().squeeze(-1)  # the head may be kept in fp32

@@ -32,28 +32,39 @@ MAX_GATHER_SLOTS = 1 << 16
 
 
 class PagedContextPool:
-    """Per draft layer K/V [num_slots, n_kv, d]; written at target slot numbers."""
+    """Per draft layer K/V [num_slots, n_kv, d]; written at target slot numbers.
+
+    ``shared_kv``: K and V are one tensor (DeepSeek-V4's single K=V head), stored once;
+    ``values`` are the same tensors as ``keys``.
+    """
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, shared_kv: bool = False) -> None:
         shape = (num_slots, num_kv_heads, head_dim)
+        self.shared_kv = shared_kv
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = self.keys if shared_kv else [torch.zeros(shape, device=device, dtype=dtype)
+                                                   for _ in range(num_layers)]
 
     @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        """K and V of one token in every draft layer."""
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                        shared_kv: bool = False) -> int:
+        """K and V (or the one K=V tensor) of one token in every draft layer."""
+        tensors = 1 if shared_kv else 2
+        return tensors * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        stored = self.keys if self.shared_kv else self.keys + self.values
+        return sum(t.numel() * t.element_size() for t in stored)
 
     def write(self, layer_kv: list[tuple[torch.Tensor, torch.Tensor]], slots: torch.Tensor) -> None:
-        """layer_kv[l] = (k, v), each [S, n_kv, d], for the tokens at ``slots`` [S]."""
+        """layer_kv[l] = (k, v), each [S, n_kv, d], for the tokens at ``slots`` [S] (with
+        ``shared_kv`` only k is stored: v is the same tensor)."""
         for (k, v), keys, values in zip(layer_kv, self.keys, self.values):
             keys.index_copy_(0, slots, k.to(keys.dtype))
-            values.index_copy_(0, slots, v.to(values.dtype))
+            if not self.shared_kv:
+                values.index_copy_(0, slots, v.to(values.dtype))
 
 
 class PagedContextView:
@@ -100,7 +111,7 @@ class PagedContextView:
         if spare:  # scratch: any slot will do, the block overwrites the gathered copy
             slots = torch.cat([slots, slots.new_zeros(slots.shape[0], spare)], dim=1)
         keys = [k[slots].transpose(1, 2) for k in self.pool.keys]  # [n, n_kv, T + spare, d]
-        values = [v[slots].transpose(1, 2) for v in self.pool.values]
+        values = keys if self.pool.shared_kv else [v[slots].transpose(1, 2) for v in self.pool.values]
         return ContextView(keys=keys, values=values, mask=self.mask[rows, :width],
                            positions=self.positions[rows], spare=spare)
 

@@ -116,3 +116,38 @@ def test_pipeline_parallelism_is_refused_with_the_fix(monkeypatch):
     with pytest.raises(startup.DSparkStartupError, match="pipeline_parallel_size is 2.*--tensor-parallel-size"):
         startup.prepare_speculative_config(spec(target_parallel_config=parallel))
     startup.prepare_speculative_config(spec(target_parallel_config=SimpleNamespace(pipeline_parallel_size=1)))
+
+
+def test_startup_profile_is_skipped_under_tensor_parallelism_and_its_failure_is_explained(tmp_path, monkeypatch,
+                                                                                          caplog):
+    from dspark_vllm.vllm_plugin import startup_profile
+
+    yaml = tmp_path / "s.yaml"
+    yaml.write_text("scheduler:\n  policy: causal_greedy\n  profile_at_startup: true\n  profile_max_tokens: 16\n")
+    monkeypatch.setenv(startup.ENV_CONFIG, str(yaml))
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("child engine exited with 1")
+
+    monkeypatch.setattr(startup_profile, "ensure_startup_profile", failing)
+    target = SimpleNamespace(model="/models/t", dtype="torch.float32", hf_config=None)
+    tp2 = spec(target_model_config=target, target_parallel_config=SimpleNamespace(tensor_parallel_size=2,
+                                                                                 pipeline_parallel_size=1))
+    monkeypatch.setattr(startup, "_deepspec_block_size", lambda *a: 7)
+    with caplog.at_level("WARNING"):
+        startup.prepare_speculative_config(tp2)
+    assert not calls and "profile_at_startup skipped" in caplog.text and "tensor_parallel_size 2" in caplog.text
+    assert startup.WorkerSettings.from_env().cost_profile is None
+    tp1 = spec(target_model_config=target, target_parallel_config=SimpleNamespace(tensor_parallel_size=1,
+                                                                                 pipeline_parallel_size=1))
+    with pytest.raises(startup.DSparkStartupError, match="could not profile /models/t .*profile_at_startup: false"):
+        startup.prepare_speculative_config(tp1)
+    assert len(calls) == 1
+
+
+def test_the_v4_settings_do_not_profile_at_startup():
+    from dspark_vllm.settings import load_settings
+
+    assert not load_settings(CONFIGS_DIR / "deepseek_v4.yaml").scheduler.profile_at_startup

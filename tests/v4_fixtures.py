@@ -71,3 +71,50 @@ def tiny_v4_folder(root: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     save_v4_drafter(random_v4_drafter(model), folder)
     return folder
+
+
+FLASH_FP8 = (".attn.wq_a.weight", ".attn.wq_b.weight", ".attn.wkv.weight", ".attn.wo_a.weight", ".attn.wo_b.weight",
+             ".shared_experts.w1.weight", ".shared_experts.w2.weight", ".shared_experts.w3.weight")
+
+
+def flash_layout_folder(root: Path, seed: int = 0, expert_storage: str = "int8") -> Path:
+    """``tiny_v4_folder`` with its ``mtp.*`` stages rewritten as DeepSeek-V4-Flash ships them:
+    routed experts MXFP4 (packed bytes as ``expert_storage``: int8, uint8 or float4_e2m1fn_x2,
+    E8M0 scales as float8_e8m0fnu), attention and shared-expert projections FP8 E4M3 with E8M0
+    scales per 128 x 128 tile, config.json without ``expert_dtype`` (vLLM then assumes fp4)."""
+    import json
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    from dspark_vllm.v4.mxfp4 import quantize_mxfp4
+
+    folder = tiny_v4_folder(root, seed)
+    shard = folder / "mtp.safetensors"
+    out = {}
+    for name, t in load_file(str(shard)).items():
+        if re.fullmatch(r"mtp\.\d+\.ffn\.experts\.\d+\.w[123]\.weight", name):
+            packed, scale = quantize_mxfp4(t)
+            storage = {"int8": torch.int8, "uint8": torch.uint8,
+                       "float4_e2m1fn_x2": torch.float4_e2m1fn_x2}[expert_storage]
+            out[name], out[name[:-7] + ".scale"] = packed.view(storage), scale.view(torch.float8_e8m0fnu)
+        elif name.endswith(FLASH_FP8):
+            rows, cols = t.shape
+            assert rows <= 128 and cols <= 128, "one scale tile: the tiny model's projections"
+            peak = t.abs().amax().clamp_min(1e-12)
+            exponent = torch.ceil(torch.log2(peak / 448.0))
+            out[name] = (t.float() / torch.exp2(exponent)).to(torch.float8_e4m3fn)
+            grid = (-(-rows // 128), -(-cols // 128))
+            out[name[:-7] + ".scale"] = torch.exp2(exponent).expand(grid).contiguous().to(torch.float8_e8m0fnu)
+        else:
+            out[name] = t
+    save_file(out, str(shard))
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update((n, shard.name) for n in out)
+    index_path.write_text(json.dumps(index))
+    raw = json.loads((folder / "config.json").read_text())
+    raw.pop("expert_dtype", None)
+    raw["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder

@@ -67,7 +67,7 @@ def init_for_training(drafter: DSparkDrafter, seed: int) -> None:
                 continue
             if name.endswith("markov_w2.weight"):
                 p.zero_()
-            elif p.dim() == 2:
+            elif p.dim() >= 2:  # matrices, and stacked experts [E, out, in]
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 

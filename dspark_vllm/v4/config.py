@@ -109,10 +109,13 @@ class V4DraftConfig:
 
     @property
     def mask_token_id(self) -> int:
-        value = self.raw.get("dspark_noise_token_id", self.raw.get("mask_token_id"))
-        if value is None:
-            raise DSparkConfigError("DeepSeek-V4 config is missing 'dspark_noise_token_id' (the block's MASK token)")
-        return int(value)
+        """vLLM's precedence: ``dflash_config.mask_token_id``, ``mask_token_id``, then
+        ``dspark_noise_token_id`` (the same token must fill the block whichever engine serves)."""
+        for value in ((self.raw.get("dflash_config") or {}).get("mask_token_id"), self.raw.get("mask_token_id"),
+                      self.raw.get("dspark_noise_token_id")):
+            if value is not None:
+                return int(value)
+        raise DSparkConfigError("DeepSeek-V4 config is missing 'dspark_noise_token_id' (the block's MASK token)")
 
     @property
     def enable_confidence_head(self) -> bool:
@@ -146,3 +149,9 @@ class V4DraftConfig:
     @property
     def expert_dtype(self) -> str | None:
         return self.raw.get("expert_dtype")
+
+    @property
+    def experts_fp4(self) -> bool:
+        """Routed experts stored as MXFP4 (V4-Flash); the loader fills ``expert_dtype`` in from
+        the checkpoint's tensors when config.json omits it."""
+        return self.expert_dtype == "fp4"

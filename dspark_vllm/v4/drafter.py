@@ -19,6 +19,8 @@ The drafter has no embedding of its own: the target's embedding and LM head are 
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
+
 import torch
 from torch import nn
 
@@ -30,6 +32,11 @@ from .config import V4DraftConfig
 from .layers import HyperHead, InterleavedRotary, RMSNorm, V4Block
 
 CONTEXT_KV_HEADS = 1  # V4 attention reads one shared K=V head
+# Parameters vLLM keeps in float32 whatever the serving dtype: the mHC mixers (their Sinkhorn
+# normalisation and sigmoid gates amplify rounding), the router's correction bias (a rounded
+# bias can flip a top-k expert choice), the attention sinks and the confidence head.
+FLOAT32_PARAMS = ("layers.*.attn_hc.*", "layers.*.ffn_hc.*", "hc_head.*", "layers.*.ffn.gate.bias",
+                  "layers.*.attn.attn_sink", "confidence_head.*")
 
 
 class DSparkV4Drafter(DSparkDrafter):
@@ -38,6 +45,33 @@ class DSparkV4Drafter(DSparkDrafter):
     def __init__(self, config: V4DraftConfig) -> None:
         super().__init__(config)
         self.embeddings_bound = False  # the target's embedding and LM head are bound at load
+
+    def _apply(self, fn, recurse: bool = True):
+        """Casts (``.to(torch.bfloat16)``...) leave :data:`FLOAT32_PARAMS` in float32, unrounded;
+        device moves apply to them as to everything else."""
+        keep = {id(p) for name, p in self.named_parameters() if any(fnmatch(name, pat) for pat in FLOAT32_PARAMS)}
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if id(t) in keep and out.dtype != torch.float32:
+                return t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        return super()._apply(cast, recurse)
+
+    @torch.no_grad()
+    def bind_target_embeddings(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
+        """Use the target's input embedding and LM head, shared rather than copied where device
+        and dtype already match (at V4 scale a copy costs about 1 GB each per rank). Rows beyond
+        the drafter's vocabulary are dropped."""
+        v, h = self.config.vocab_size, self.config.hidden_size
+        for module, src in ((self.embed_tokens, embed_weight), (self.lm_head, lm_head_weight)):
+            if src.shape[0] < v or src.shape[1] != h:
+                raise ValueError(f"target embedding of shape {tuple(src.shape)} cannot serve a drafter with "
+                                 f"vocab {v} and hidden {h}")
+            module.weight = nn.Parameter(src.detach()[:v].to(self.device, self.dtype), requires_grad=False)
+        self.embeddings_bound = True
+        self._draft_weights = None  # gathered draft-vocabulary rows are stale now
 
     def _build_modules(self, config: V4DraftConfig) -> None:
         h, v = config.hidden_size, config.vocab_size
@@ -64,11 +98,13 @@ class DSparkV4Drafter(DSparkDrafter):
                               self.dtype, capacity)
 
     def context_bytes_per_token(self) -> int:
-        return PagedContextPool.bytes_per_token(len(self.layers), CONTEXT_KV_HEADS, self.config.head_dim, self.dtype)
+        return PagedContextPool.bytes_per_token(len(self.layers), CONTEXT_KV_HEADS, self.config.head_dim, self.dtype,
+                                                shared_kv=True)
 
     def new_pool(self, num_slots: int) -> PagedContextPool:
+        """K = V in V4: the pool stores the one tensor once."""
         return PagedContextPool(len(self.layers), num_slots, CONTEXT_KV_HEADS, self.config.head_dim, self.device,
-                                self.dtype)
+                                self.dtype, shared_kv=True)
 
     # ---- context --------------------------------------------------------------------------
     def target_features(self, features: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@
 * :class:`V4MoE`: routed experts scored by sqrt(softplus(logits)), top-k chosen on score +
   ``gate.bias`` (the correction bias), weights from the raw scores, normalised and scaled;
   plus one shared expert; SwiGLU with the gate and up projections clamped at ``swiglu_limit``.
+  The routed experts are stacked (:class:`~dspark_vllm.v4.experts.RoutedExperts`, BF16 or
+  MXFP4) and run without host syncs.
 * :class:`HyperConnection` / :class:`HyperHead`: mHC. The residual is ``hc_mult`` streams; a
   block reads their ``pre``-weighted sum and writes ``post`` x its output plus the streams mixed
   by ``comb``, a Sinkhorn-normalised (doubly stochastic) matrix; the head collapses the streams.
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import V4DraftConfig
+from .experts import RoutedExperts
 
 
 class RMSNorm(nn.Module):
@@ -50,8 +53,15 @@ class InterleavedRotary(nn.Module):
 
     def __init__(self, dim: int, theta: float) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim),
-                             persistent=False)
+        self.dim, self.theta = dim, theta
+        self.register_buffer("inv_freq", self._frequencies(), persistent=False)
+
+    def _frequencies(self, device: torch.device | None = None) -> torch.Tensor:
+        return 1.0 / self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim)
+
+    def reset(self) -> None:
+        """Recompute the frequencies (after ``to_empty``: a non-persistent buffer is not loaded)."""
+        self.inv_freq = self._frequencies(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [...] -> cos, sin [..., dim] (float32, each value repeated for its pair)."""
@@ -170,22 +180,22 @@ class V4MoE(nn.Module):
         self.top_k, self.scale, self.normalise = config.num_experts_per_tok, config.routed_scaling_factor, config.norm_topk_prob
         self.score = SCORE_FUNCTIONS[config.scoring_func]
         self.gate = Gate(h, config.n_routed_experts)
-        self.experts = nn.ModuleList(SwiGLU(h, inter, limit) for _ in range(config.n_routed_experts))
+        self.experts = RoutedExperts(config.n_routed_experts, h, inter, limit, fp4=config.experts_fp4)
         self.shared_experts = SwiGLU(h, inter, limit)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [T, H] -> (chosen experts [T, k], their weights [T, k] float32)."""
         scores = self.score(F.linear(flat.float(), self.gate.weight.float()))
         chosen = torch.topk(scores + self.gate.bias.float(), self.top_k, dim=-1).indices
         weights = scores.gather(1, chosen)
         if self.normalise:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        weights = weights * self.scale
-        out = torch.zeros_like(flat)
-        for e in chosen.unique().tolist():
-            rows, slot = (chosen == e).nonzero(as_tuple=True)
-            out.index_add_(0, rows, (self.experts[e](flat[rows]) * weights[rows, slot, None]).to(out.dtype))
-        return (out + self.shared_experts(flat)).view_as(x)
+        return chosen, weights * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        chosen, weights = self.route(flat)
+        return (self.experts(flat, chosen, weights) + self.shared_experts(flat)).view_as(x)
 
 
 class HyperConnection(nn.Module):

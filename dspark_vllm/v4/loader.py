@@ -87,6 +87,47 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
     return out
 
 
+class ShardReader:
+    """One tensor at a time from the shards (each opened once, memory-mapped): a load holds at
+    most one checkpoint tensor (and its scale) in host memory besides what it has placed."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+        self._open: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def handle(self, name: str):
+        from safetensors import safe_open
+
+        shard = self.files[name]
+        if shard not in self._open:
+            self._open[shard] = safe_open(str(shard), "pt")
+        return self._open[shard]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.handle(name).get_tensor(name)
+
+    def dtype_name(self, name: str) -> str:
+        """The stored dtype as safetensors names it ("BF16", "F8_E4M3", "U8", ...), without reading data."""
+        return self.handle(name).get_slice(name).get_dtype()
+
+
+EXPERT_TENSOR = re.compile(r"(.+\.ffn\.experts)\.(\d+)\.(w[123])\.weight")
+FP4_STORED = ("U8", "I8", "F4", "F4_E2M1", "F4_E2M1_X2")
+
+
+def stored_expert_dtype(files: dict[str, Path]) -> str | None:
+    """"fp4" when the routed experts are stored as packed bytes, "fp8" for FP8, None otherwise
+    (what the tensors say, whatever config.json's ``expert_dtype`` claims)."""
+    name = next((n for n in files if n.startswith("mtp.") and EXPERT_TENSOR.fullmatch(n)), None)
+    if name is None:
+        return None
+    stored = ShardReader(files).dtype_name(name)
+    return "fp4" if stored in FP4_STORED else "fp8" if stored.startswith("F8") else None
+
+
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = FP8_BLOCK) -> torch.Tensor:
     """float32 weight from an FP8 one with one scale per ``block`` (rows x columns) tile."""
     rows, cols = weight.shape
@@ -107,20 +148,22 @@ def read_config(folder: Path) -> V4DraftConfig:
         raise V4CheckpointError(f"{folder}: cannot read config.json ({exc})") from None
     if not is_deepseek_v4_config(raw):
         raise V4CheckpointError(f"{folder} is not a DeepSeek-V4 checkpoint (model_type {raw.get('model_type')!r})")
-    if raw.get("expert_dtype") == "fp4":
-        raise V4CheckpointError(f"{folder} stores its experts in FP4, which this drafter loader does not "
-                                "dequantise; use a BF16 or FP8 DeepSeek-V4 checkpoint")
     try:
         return V4DraftConfig(raw)
     except DSparkConfigError as exc:
         raise V4CheckpointError(f"{folder}: {exc}") from None
 
 
+EXPERT_SCALE = re.compile(r".+\.experts\.\d+\.w[123]\.scale")
+
+
 def _drafter_params(config: V4DraftConfig) -> set[str]:
-    """Parameter names of the drafter's own tensors (shapes only: built on the meta device)."""
+    """Checkpoint-level names of the drafter's own tensors, MXFP4 expert scales excepted (they
+    travel with their weights); shapes only: built on the meta device."""
     with torch.device("meta"):
         drafter = DSparkV4Drafter(config)
-    return {p for p in drafter.state_dict() if not p.startswith(("embed_tokens.", "lm_head."))}
+    return {p for p in drafter.state_dict()
+            if not p.startswith(("embed_tokens.", "lm_head.")) and not EXPERT_SCALE.fullmatch(p)}
 
 
 def check_v4_checkpoint(folder: str | Path) -> tuple[V4DraftConfig, dict[str, Path]]:
@@ -129,6 +172,9 @@ def check_v4_checkpoint(folder: str | Path) -> tuple[V4DraftConfig, dict[str, Pa
     folder = Path(folder)
     config = read_config(folder)
     files = tensor_files(folder)
+    stored = stored_expert_dtype(files)
+    if stored != config.expert_dtype and (stored == "fp4" or config.experts_fp4):
+        config = V4DraftConfig({**config.raw, "expert_dtype": stored or "bf16"})  # the tensors decide
     stages = {int(m.group(1)) for n in files if (m := re.match(r"mtp\.(\d+)\.", n))}
     if not stages:
         raise V4CheckpointError(f"{folder} has no mtp.* tensors: this DeepSeek-V4 checkpoint ships no DSpark "
@@ -151,36 +197,64 @@ def load_v4_drafter(folder: str | Path, dtype: torch.dtype | None = None, device
                     bind_embeddings: bool = True) -> DSparkV4Drafter:
     """Build the drafter of the DeepSeek-V4 target in ``folder`` from its ``mtp.*`` tensors; with
     ``bind_embeddings`` also read the target's embedding and LM head (else bind them later, e.g.
-    from the served target model)."""
+    from the served target model).
+
+    Bounded memory: the drafter is built on the meta device, cast there, and allocated on
+    ``device`` in its final dtypes (``dtype``; MXFP4 experts as packed bytes; the float32
+    parameters of :data:`~dspark_vllm.v4.drafter.FLOAT32_PARAMS` in float32). Tensors are then
+    read one at a time, FP8 ones dequantised one at a time, and copied into place: host memory
+    holds one checkpoint tensor at a time, never the drafter.
+    """
     folder = Path(folder)
     config, files = check_v4_checkpoint(folder)
-    drafter = DSparkV4Drafter(config)
-    names = [n for n in files if module_name(n) is not None and int(n.split(".")[1]) < config.num_layers]
-    tensors = read_tensors(files, names)
-    state, block = {}, _fp8_block(config.raw)
-    for name, tensor in tensors.items():
-        if name.endswith(".scale") and f"{name[:-6]}.weight" in tensors:
-            continue  # consumed with its weight
-        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            scale = tensors.get(f"{name[:-7]}.scale")
-            if scale is None:
-                raise V4CheckpointError(f"{folder}: FP8 tensor {name} has no {name[:-7]}.scale")
-            tensor = dequantize_fp8(tensor, scale, block)
-        state[module_name(name)] = tensor
-    unexpected = sorted(set(state) - _drafter_params(config))
+    with torch.device("meta"):
+        drafter = DSparkV4Drafter(config)
+    drafter.to(dtype or torch.float32)
+    for name, child in drafter.named_children():
+        if name not in ("embed_tokens", "lm_head"):  # the target's: bound below or by the engine
+            child.to_empty(device=device)
+    drafter.rotary_emb.reset()
+    reader = ShardReader(files)
+    block = _fp8_block(config.raw)
+    names = [n for n in files if module_name(n) is not None and int(n.split(".")[1]) < config.num_layers
+             and not (n.endswith(".scale") and f"{n[:-6]}.weight" in files)]
+    for name in names:
+        _place(drafter, reader, name, block)
+    unexpected = sorted({module_name(n) for n in names} - _drafter_params(config))
     if unexpected:
         raise V4CheckpointError(f"{folder}: mtp.* tensors the drafter does not know: {unexpected[:5]}")
-    drafter.load_state_dict(state, strict=False)
     if bind_embeddings:
         embed = next((n for n in EMBED_NAMES if n in files), None)
         head = next((n for n in HEAD_NAMES if n in files), None)
         if embed is None or head is None:
             raise V4CheckpointError(f"{folder}: the target's embedding ({' or '.join(EMBED_NAMES)}) and LM head "
                                     f"({' or '.join(HEAD_NAMES)}) are needed by the drafter but not found")
-        shared = read_tensors(files, [embed, head])
-        drafter.bind_target_embeddings(shared[embed].float(), shared[head].float())
-    drafter.to(device=device, dtype=dtype or torch.float32)
+        drafter.bind_target_embeddings(reader.get(embed), reader.get(head))
     return drafter.eval()
+
+
+def _place(drafter: DSparkV4Drafter, reader: ShardReader, name: str, block: tuple[int, int]) -> None:
+    """Read checkpoint tensor ``name`` (with its scale) and copy it into the drafter."""
+    tensor = reader.get(name)
+    scale_name = f"{name[:-7]}.scale"
+    scale = reader.get(scale_name) if name.endswith(".weight") and scale_name in reader else None
+    target = module_name(name)
+    expert = EXPERT_TENSOR.fullmatch(target)
+    if expert is not None:
+        experts = drafter.get_submodule(expert.group(1))
+        if not experts.fp4 and scale is not None:
+            tensor, scale = dequantize_fp8(tensor, scale, block), None
+        experts.store(expert.group(3), int(expert.group(2)), tensor, scale)
+        return
+    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if scale is None:
+            raise V4CheckpointError(f"FP8 tensor {name} has no {scale_name}")
+        tensor = dequantize_fp8(tensor, scale, block)
+    param = drafter.get_parameter(target)
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise V4CheckpointError(f"{name} has shape {tuple(tensor.shape)} but the drafter expects {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(tensor.to(param.device, param.dtype))
 
 
 def read_stages(folder: str | Path) -> dict[str, torch.Tensor]:

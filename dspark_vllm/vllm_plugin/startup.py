@@ -219,6 +219,34 @@ def _v4_block_size(spec, settings: DSparkSettings, checkpoint: str) -> int:
     return config.block_size
 
 
+def _startup_profile(spec, settings: DSparkSettings) -> Path | None:
+    """The start-up profile's path, or None (logged) where one cannot be measured.
+
+    The profile is measured by a one-GPU child engine; a target served with tensor parallelism
+    needs its GPUs together (and may not fit one), so there it is skipped and the configured
+    ``cost_profile`` (or the synthetic curve, scaled by the learned served cost) is used."""
+    from .startup_profile import ensure_startup_profile
+
+    parallel = getattr(spec, "target_parallel_config", None)
+    tp = int(getattr(parallel, "tensor_parallel_size", 1) or 1)
+    log = logging.getLogger(LOGGER_NAME)
+    if tp > 1:
+        log.warning("DSpark: profile_at_startup skipped: the target is served with tensor_parallel_size %d and the "
+                    "profile runs a one-GPU engine; using %s. Measure one offline with `dspark-vllm profile` and "
+                    "set scheduler.cost_profile to it.", tp,
+                    settings.scheduler.cost_profile or "a synthetic cost curve scaled by the learned step cost")
+        return None
+    dtype = str(spec.target_model_config.dtype).replace("torch.", "")
+    try:
+        return ensure_startup_profile(spec.target_model_config.model, settings.scheduler.profile_max_tokens, dtype)
+    except Exception as exc:  # the child's own output (above in the log) says what failed inside vLLM
+        message = (f"DSpark start-up failed: profile_at_startup could not profile {spec.target_model_config.model} "
+                   f"({type(exc).__name__}: {exc}). Set scheduler.profile_at_startup: false (optionally with "
+                   "scheduler.cost_profile from `dspark-vllm profile`) to serve without it.")
+        log.error(message)
+        raise DSparkStartupError(message) from None
+
+
 def prepare_speculative_config(spec) -> None:
     """Validate a dspark SpeculativeConfig, export the worker's settings and route the config
     to our V1 proposer through vLLM's ``custom_class`` method (mutates ``spec``)."""
@@ -245,10 +273,7 @@ def prepare_speculative_config(spec) -> None:
         raise DSparkStartupError(message) from None
     profile = None
     if settings.scheduler.profile_at_startup and spec.target_model_config is not None:
-        from .startup_profile import ensure_startup_profile
-
-        dtype = str(spec.target_model_config.dtype).replace("torch.", "")
-        profile = ensure_startup_profile(spec.target_model_config.model, settings.scheduler.profile_max_tokens, dtype)
+        profile = _startup_profile(spec, settings)
     WorkerSettings.for_checkpoint(checkpoint, settings, profile, IN_TARGET_V4 if in_target else DEEPSPEC).export()
     spec.num_speculative_tokens = block
     spec.method = "custom_class"
