@@ -97,3 +97,13 @@ def test_draft_config_errors_name_the_field():
         V4DraftConfig(dict(TINY_V4, dspark_markov_rank=8))
     with pytest.raises(DSparkConfigError, match=r"holds \[7\]"):
         V4DraftConfig(dict(TINY_V4, dspark_markov_rank=8, dspark_target_layer_ids=[0, 7]))
+
+
+def test_mask_token_precedence_is_vllms():
+    """vLLM fills the block with dflash_config.mask_token_id, else mask_token_id, else
+    dspark_noise_token_id: the drafter must use the same token."""
+    base = dict(TINY_V4, dspark_markov_rank=8, dspark_target_layer_ids=[0, 2])
+    assert V4DraftConfig(dict(base, dspark_noise_token_id=100)).mask_token_id == 100
+    assert V4DraftConfig(dict(base, dspark_noise_token_id=100, mask_token_id=101)).mask_token_id == 101
+    both = dict(base, dspark_noise_token_id=100, mask_token_id=101, dflash_config={"mask_token_id": 102})
+    assert V4DraftConfig(both).mask_token_id == 102
