@@ -94,7 +94,7 @@ class ReferenceDecoder:
         committed = [1] * n
         done = [int(t) in stop for t in anchor]
         if self.proposer is not None:
-            self.proposer.start(n)
+            self.proposer.start(prompts)
             self.proposer.add_context(step.features, prompt_lens)
 
         while not all(done):

@@ -1,7 +1,9 @@
-"""Proposers the reference decoder can drive: the DSpark drafter and test oracles.
+"""Proposers the reference decoder can drive: the DSpark drafter, n-gram prompt lookup (the
+peer a vLLM user gets with ``method: ngram``) and test oracles.
 
-A proposer keeps per-request draft state and answers two calls per round: ``add_context`` with
-the target features of newly verified positions, and ``propose`` for the next block.
+A proposer keeps per-request draft state: ``start`` gets the prompts, then each round
+``propose`` drafts the next block and ``add_context`` reports the newly verified positions
+(their target features and how many of the block's tokens were kept).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .sampling import DraftBlock
 class Proposer(Protocol):
     block_size: int
 
-    def start(self, batch: int) -> None: ...
+    def start(self, prompts: list[list[int]]) -> None: ...
 
     def add_context(self, features: torch.Tensor, counts: torch.Tensor) -> None: ...
 
@@ -37,8 +39,8 @@ class DSparkProposer:
         self.block_size = drafter.check_depth(depth)
         self.cache: ContextKVCache | None = None
 
-    def start(self, batch: int) -> None:
-        self.cache = self.drafter.new_cache(batch)
+    def start(self, prompts: list[list[int]]) -> None:
+        self.cache = self.drafter.new_cache(len(prompts))
 
     def add_context(self, features: torch.Tensor, counts: torch.Tensor) -> None:
         assert self.cache is not None, "call start() first"
@@ -66,8 +68,8 @@ class OracleProposer:
         self.block_size = block_size
         self.confidence = confidence
 
-    def start(self, batch: int) -> None:
-        assert batch == len(self.oracle.sequences)
+    def start(self, prompts: list[list[int]]) -> None:
+        assert len(prompts) == len(self.oracle.sequences)
 
     def add_context(self, features, counts) -> None:
         pass
@@ -77,3 +79,51 @@ class OracleProposer:
         tokens = torch.tensor(rows, dtype=torch.long)
         logit = torch.logit(torch.tensor(self.confidence).clamp(1e-6, 1 - 1e-6))
         return DraftBlock(tokens=tokens, probs=None, confidence_logits=logit.expand(tokens.shape).clone())
+
+
+class NgramProposer:
+    """Prompt lookup, as vLLM's ``ngram`` method drafts: find the most recent earlier occurrence
+    of the last n committed tokens (n from ``max_n`` down to ``min_n``) in the request's own
+    prompt and output, and propose the ``k`` tokens that followed it. No match: no draft (a
+    block of length 0, so the target decodes plainly that round). Greedy drafts (one-hot q)."""
+
+    def __init__(self, k: int, min_n: int, max_n: int, vocab_size: int) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        self.block_size, self.min_n, self.max_n, self.vocab_size = k, min_n, max_n, vocab_size
+        self.history: list[list[int]] = []
+        self._pending: list[tuple[int, list[int]]] = []  # per request: (anchor, drafted tokens)
+
+    def start(self, prompts: list[list[int]]) -> None:
+        self.history = [list(p) for p in prompts]
+        self._pending = []
+
+    def lookup(self, tokens: list[int]) -> list[int]:
+        """The continuation after the latest earlier match of the longest suffix of ``tokens``."""
+        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
+            tail = tokens[-n:]
+            for start in range(len(tokens) - n - 1, -1, -1):
+                if tokens[start:start + n] == tail:
+                    return tokens[start + n:start + n + self.block_size]
+        return []
+
+    def add_context(self, features: torch.Tensor, counts: torch.Tensor) -> None:
+        if not self._pending:
+            return  # the prompt: already in the history
+        for r, (anchor, drafted) in enumerate(self._pending):
+            kept = int(counts[r])
+            if kept > 0:
+                self.history[r].extend([anchor] + drafted[: kept - 1])
+        self._pending = []
+
+    def propose(self, anchor, anchor_pos, temperature, generator):
+        rows, self._pending = [], []
+        for r, a in enumerate(anchor.tolist()):
+            drafted = self.lookup(self.history[r] + [a])
+            self._pending.append((a, drafted))
+            rows.append(drafted + [0] * (self.block_size - len(drafted)))
+        tokens = torch.tensor(rows, dtype=torch.long)
+        found = torch.tensor([len(d) for _, d in self._pending])
+        # unmatched positions carry no confidence: a length policy reading it stops there
+        confidence = torch.where(torch.arange(self.block_size)[None, :] < found[:, None], 20.0, -20.0)
+        return DraftBlock(tokens=tokens, probs=None, confidence_logits=confidence)

@@ -66,3 +66,37 @@ def test_prompt_sets_come_from_the_flag_or_the_variable_never_a_guess(tmp_path, 
     assert resolve_spec("gsm8k.jsonl:0:1") == f"{tmp_path}/gsm8k.jsonl:0:1"
     existing = tmp_path / "gsm8k.jsonl"
     assert resolve_spec(f"{existing}:0:1", explicit_dir="/nowhere") == f"{existing}:0:1"
+
+
+def test_ngram_lookup_proposes_what_followed_the_latest_match():
+    from dspark_vllm.reference_proposers import NgramProposer
+
+    p = NgramProposer(k=3, min_n=2, max_n=3, vocab_size=100)
+    assert p.lookup([1, 2, 3, 4, 5, 9, 2, 3]) == [4, 5, 9]             # [2, 3] matched at 1
+    assert p.lookup([7, 1, 2, 8, 0, 1, 2, 6, 6, 1, 2]) == [6, 6, 1]     # the latest of two matches
+    assert p.lookup([5, 6, 7, 8]) == []                                # no earlier occurrence
+    assert p.lookup([1, 2, 3, 9, 1, 2, 3]) == [9, 1, 2]                # the longest n first
+
+
+@pytest.mark.slow
+def test_ngram_peer_is_lossless_and_drafts_on_repetitive_text(tmp_path):
+    """Through the reference decoder over the real SmolLM2 target: greedy output equal to plain
+    decoding, and drafts accepted where the answer repeats the prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dspark_vllm.acceptance_stats import AcceptanceStats
+    from dspark_vllm.bench.acceptance import found_lengths
+    from dspark_vllm.hf_target import HFTarget
+    from dspark_vllm.pypi_models import smollm2_path
+    from dspark_vllm.reference_decoder import ReferenceDecoder, SamplingConfig
+    from dspark_vllm.reference_proposers import NgramProposer
+
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_path()), dtype=torch.float32).eval()
+    prompt = [[504, 2365, 282, 4649, 314, 7042, 30, 504, 2365, 282, 4649, 314, 7042, 30, 504, 2365]]
+    sampling = SamplingConfig(max_new_tokens=24, temperature=0.0)
+    plain, _ = ReferenceDecoder(HFTarget(model, []), None).generate(prompt, sampling)
+    proposer = NgramProposer(k=4, min_n=1, max_n=3, vocab_size=model.config.vocab_size)
+    out, stats = ReferenceDecoder(HFTarget(model, []), proposer, verify_lengths=found_lengths).generate(prompt, sampling)
+    assert out == plain
+    assert isinstance(stats, AcceptanceStats) and stats.accepted_tokens > 0 and stats.tau > 1.0

@@ -152,3 +152,16 @@ def test_variants_name_extra_servers_and_reject_bad_input(tmp_path):
                          ([f"m={lost}"], "does not exist"), ([f"m-twin={good}"], "--twins")):
         with pytest.raises(SystemExit, match=words):
             parse_variants(specs, ["no-spec"])
+
+
+def test_peers_are_served_by_vllms_own_methods_and_tau_comes_from_vllms_counters():
+    from dspark_vllm.bench.serving import PEERS, peer_configs, tau
+
+    peers = peer_configs(None)
+    assert peers["ngram"] == {"method": "ngram", "num_speculative_tokens": 5}
+    assert peers["ngram-tuned"]["method"] == "ngram" and peers["suffix"] == {"method": "suffix"}
+    assert "dflash-upstream" not in peers and set(peers) < set(PEERS)
+    assert peer_configs("/d")["dflash-upstream"]["method"] == "dflash"
+    assert all(cfg["method"] != "dspark" for cfg in peers.values())  # never the plugin's path
+    assert tau({"vllm:spec_decode_num_drafts_total": 10, "vllm:spec_decode_num_accepted_tokens_total": 15}) == 2.5
+    assert tau({}) is None

