@@ -15,3 +15,5 @@ def test_gpu_check_small_runs_and_reports(tmp_path):
     assert len(kernels) == 2 * 2 * 2 * 2 and all(r["ok"] and r["tokens_equal"] for r in kernels)
     assert [r["host_syncs"] for r in rows["step_1_layers"]] == [2, 2]
     assert all(r["target_ms"] > 0 and r["ratio"] > 0 for r in rows["target_vs_1_layers"])
+    moe = rows["moe"]  # grouped expert kernel (interpreter) vs the dense path, MXFP4 and bf16
+    assert len(moe) == 4 and all(r["ok"] and r["backend"] == "triton" for r in moe)

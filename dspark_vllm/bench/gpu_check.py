@@ -19,6 +19,10 @@ Needs only torch, triton and transformers (no vLLM, nothing downloaded). Three s
    verifying 8 tokens per request over the same context, so the drafter's share of an engine
    step is a ratio from one run.
 
+4. **Routed MoE (DeepSeek-V4-Flash sizes)**: the grouped expert kernel (``kernels/moe_grouped.py``)
+   with MXFP4 and bf16 experts (256 experts, hidden 4096, intermediate 2048, top-6) against the
+   dense PyTorch path, per token count: max relative error (fails above 3e-2) and both times.
+
 ``--small`` shrinks every size so the script runs on a CPU in a few minutes (correctness of the
 same code paths; the timings then mean nothing). ``--json PATH`` writes every row.
 """
@@ -38,10 +42,13 @@ from ..sampling import SEED_LIMIT
 
 FULL = dict(vocabs=(151936, 262144), ranks=(256, 512), batches=(1, 8, 64, 256), block=7, hidden=4096,
             step_batches=(1, 4, 16, 64, 256), target_batches=(1, 64), target_layers=36, context=1024,
-            heads=32, kv_heads=8, head_dim=128, intermediate=12288)
+            heads=32, kv_heads=8, head_dim=128, intermediate=12288,
+            moe=dict(experts=256, hidden=4096, inter=2048, top_k=6, tokens=(8, 64, 512)))
 SMALL = dict(vocabs=(1000, 777), ranks=(16, 64), batches=(1, 17), block=3, hidden=64,
              step_batches=(1, 4), target_batches=(1, 4), target_layers=6, context=48,
-             heads=4, kv_heads=2, head_dim=16, intermediate=128)
+             heads=4, kv_heads=2, head_dim=16, intermediate=128,
+             moe=dict(experts=8, hidden=64, inter=32, top_k=2, tokens=(5, 33)))
+MOE_TOLERANCE = 3e-2
 PAGE = 16  # KV block size of the paged draft context in section 3
 
 
@@ -263,6 +270,46 @@ def time_target(sizes: dict, device: torch.device, step_rows: list[dict]) -> lis
     return rows
 
 
+def check_moe(sizes: dict, device: torch.device) -> list[dict]:
+    """Grouped expert kernel vs the dense PyTorch path, MXFP4 and bf16 experts (section 4)."""
+    from dspark_vllm.kernels.markov_sampling import triton_available
+    from dspark_vllm.kernels.moe_grouped import grouped_experts
+    from dspark_vllm.v4.experts import RoutedExperts
+
+    m = sizes["moe"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rows = []
+    for fp4 in (True, False):
+        experts = RoutedExperts(m["experts"], m["hidden"], m["inter"], limit=10.0, fp4=fp4)
+        with torch.no_grad():
+            for name in ("w1", "w2", "w3"):
+                t = getattr(experts, name)
+                if fp4:
+                    t.copy_(torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8))
+                    getattr(experts, f"{name}_scale").fill_(122)  # 2^-5: outputs of order one
+                else:
+                    t.copy_(torch.randn(t.shape, generator=g) * t.shape[-1] ** -0.5)
+        experts = experts.to(device=device, dtype=torch.bfloat16)
+        for tokens in m["tokens"]:
+            x = torch.randn(tokens, m["hidden"], generator=g).to(device, torch.bfloat16)
+            chosen = torch.stack([torch.randperm(m["experts"], generator=g)[: m["top_k"]] for _ in range(tokens)]).to(device)
+            weights = torch.rand(tokens, m["top_k"], generator=g).to(device)
+            backend = "triton" if triton_available(device) else "torch"  # CPU: the interpreter when enabled
+            ref = grouped_experts(experts, x, chosen, weights, backend="dense").float()
+            got = grouped_experts(experts, x, chosen, weights, backend=backend).float()
+            err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+            row = dict(section="moe", experts="mxfp4" if fp4 else "bf16", tokens=tokens, backend=backend,
+                       rel_err=err, ok=err < MOE_TOLERANCE,
+                       grouped_ms=timed_ms(lambda: grouped_experts(experts, x, chosen, weights, backend=backend),
+                                           device, repeats=3),
+                       dense_ms=timed_ms(lambda: grouped_experts(experts, x, chosen, weights, backend="dense"),
+                                         device, repeats=3))
+            rows.append(row)
+            print(f"moe {row['experts']:>5} tokens {tokens:>4}: {backend} vs dense rel err {err:.2e} "
+                  f"({'ok' if row['ok'] else 'FAIL'}); {row['grouped_ms']:.2f} ms vs {row['dense_ms']:.2f} ms", flush=True)
+    return rows
+
+
 def map_kernels_folder() -> None:
     """From a checkout that was never pip-installed (a GPU machine without PyPI), make the
     repository's top-level ``kernels/`` importable as ``dspark_vllm.kernels``, as the installed
@@ -286,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="reduced sizes (CPU); default on a machine without CUDA")
     ap.add_argument("--draft-layers", type=int, nargs="+", default=[1, 5])
     ap.add_argument("--context", type=int, default=None, help="context tokens per request in section 3")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["kernels", "speed", "step", "target"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["kernels", "speed", "step", "target", "moe"])
     ap.add_argument("--json", help="write all rows here")
     a = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -308,11 +355,14 @@ def main(argv: list[str] | None = None) -> int:
         del d
         if "target" not in a.skip:
             out[f"target_vs_{layers}_layers"] = time_target(sizes, device, rows)
+    if "moe" not in a.skip:
+        out["moe"] = check_moe(sizes, device)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(out, fh, indent=1, default=str)
-    failed = [r for r in out.get("kernels", []) if not r["ok"]]
-    print(f"\nkernel checks: {len(out.get('kernels', [])) - len(failed)} passed, {len(failed)} failed")
+    checks = out.get("kernels", []) + out.get("moe", [])
+    failed = [r for r in checks if not r["ok"]]
+    print(f"\nkernel checks: {len(checks) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
 
