@@ -160,8 +160,19 @@ def test_peers_are_served_by_vllms_own_methods_and_tau_comes_from_vllms_counters
     peers = peer_configs(None)
     assert peers["ngram"] == {"method": "ngram", "num_speculative_tokens": 5}
     assert peers["ngram-tuned"]["method"] == "ngram" and peers["suffix"] == {"method": "suffix"}
+    assert peers["suffix-prompt"]["suffix_decoding_max_cached_requests"] == 0  # no cross-request cache
     assert "dflash-upstream" not in peers and set(peers) < set(PEERS)
     assert peer_configs("/d")["dflash-upstream"]["method"] == "dflash"
     assert all(cfg["method"] != "dspark" for cfg in peers.values())  # never the plugin's path
     assert tau({"vllm:spec_decode_num_drafts_total": 10, "vllm:spec_decode_num_accepted_tokens_total": 15}) == 2.5
     assert tau({}) is None
+
+
+def test_prompts_the_server_would_refuse_are_left_out_with_a_count(capsys):
+    from dspark_vllm.bench.serving import MAX_MODEL_LEN, fitting_prompts
+    from dspark_vllm.pypi_models import smollm2_path
+
+    long = "word " * MAX_MODEL_LEN
+    kept = fitting_prompts(["What is 2 + 2?", long, "Name a colour."], str(smollm2_path()), 96, "set")
+    assert kept == ["What is 2 + 2?", "Name a colour."]
+    assert "set: 1 of 3 prompts left out" in capsys.readouterr().out

@@ -58,6 +58,28 @@ from pathlib import Path
 from .report import benchmark_parser, free_port, run_benchmark, save_figure
 
 
+MAX_MODEL_LEN = 1024
+
+
+def fitting_prompts(prompts: list[str], target: str, max_tokens: int, label: str) -> list[str]:
+    """The prompts whose chat-formatted length plus ``max_tokens`` fits ``MAX_MODEL_LEN`` (the
+    server would answer the others with HTTP 400); says how many were left out."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target)
+    def length(prompt: str) -> int:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding
+
+    kept = [p for p in prompts if length(p) + max_tokens <= MAX_MODEL_LEN]
+    if len(kept) < len(prompts):
+        print(f"{label}: {len(prompts) - len(kept)} of {len(prompts)} prompts left out (longer than "
+              f"{MAX_MODEL_LEN} - {max_tokens} tokens)", flush=True)
+    if not kept:
+        raise SystemExit(f"{label}: no prompt fits max-model-len {MAX_MODEL_LEN} with {max_tokens} new tokens")
+    return kept
+
+
 class Server:
     """A `vllm serve` process (OpenAI API) for one configuration."""
 
@@ -65,7 +87,7 @@ class Server:
                  kv_space_gib: int = 2) -> None:
         self.port = free_port()
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", target, "--dtype", "float32",
-               "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", str(max_num_seqs),
+               "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(max_num_seqs),
                "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", "target",
                "--seed", "0"]
         if spec:
@@ -161,7 +183,8 @@ def run(args: argparse.Namespace) -> dict:
     for spec_text in args.data:
         path, _, window = resolve_spec(spec_text, args.datasets_dir).partition(":")
         start, _, stop = window.partition(":")
-        prompt_sets[Path(path).stem] = load_prompts(path)[int(start or 0): int(stop) if stop else None]
+        prompt_sets[Path(path).stem] = fitting_prompts(load_prompts(path)[int(start or 0): int(stop) if stop else None],
+                                                       target, args.max_tokens, Path(path).stem)
     fixed_yaml = Path(tempfile.mkdtemp()) / "fixed.yaml"
     fixed_yaml.write_text("scheduler:\n  policy: fixed\n")
     spec = {"method": "dspark", "model": str(Path(args.drafter).resolve())}
@@ -210,7 +233,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 # vLLM's own speculative methods, served by vLLM's code paths (the plugin claims only "dspark").
-PEERS = ("ngram", "ngram-tuned", "suffix", "dflash-upstream")
+PEERS = ("ngram", "ngram-tuned", "suffix", "suffix-prompt", "dflash-upstream")
 
 
 def peer_configs(dflash_drafter: str | None) -> dict[str, dict]:
@@ -219,12 +242,18 @@ def peer_configs(dflash_drafter: str | None) -> dict[str, dict]:
     ngram: vLLM's prompt lookup with its default n-gram sizes (min = max = 5) and 5 drafts;
     ngram-tuned: the setting ``bench acceptance --ngram`` finds best on this traffic (shorter
     matches, fewer drafts: a draft the target rejects still costs a verified token);
-    suffix: vLLM's suffix decoding (needs ``arctic-inference``) with its defaults;
+    suffix: vLLM's suffix decoding (needs ``arctic-inference``) with its defaults, whose global
+    tree caches earlier responses: this benchmark replays the same prompts in every run (and
+    greedy answers repeat exactly), which that cache memorises, so its figures here are an upper
+    bound that real traffic does not give;
+    suffix-prompt: suffix decoding with the global tree off (``suffix_decoding_max_cached_requests:
+    0``): each request drafts from its own prompt and output only, as n-gram and DSpark do;
     dflash-upstream: vLLM's DFlash proposer with ``--dflash-drafter`` (vLLM's 1+N block layout)."""
     out = {"ngram": {"method": "ngram", "num_speculative_tokens": 5},
            "ngram-tuned": {"method": "ngram", "num_speculative_tokens": NGRAM_TUNED["k"],
                            "prompt_lookup_min": NGRAM_TUNED["min_n"], "prompt_lookup_max": NGRAM_TUNED["max_n"]},
-           "suffix": {"method": "suffix"}}
+           "suffix": {"method": "suffix"},
+           "suffix-prompt": {"method": "suffix", "suffix_decoding_max_cached_requests": 0}}
     if dflash_drafter:
         out["dflash-upstream"] = {"method": "dflash", "model": str(Path(dflash_drafter).resolve())}
     return out
