@@ -287,3 +287,20 @@ def test_drafting_requests_per_step_are_capped_by_the_workspace(proposer, monkey
     p.max_drafting = 2
     drafts = run_step(p, runner, [5, 6, 7, 8], [1] * NUM_REQS)
     assert sum(1 for d in drafts if d) == 2
+
+
+def test_a_steps_ingestion_time_adds_up_its_flushes(monkeypatch):
+    """A step can write context twice (departing requests, then the drafting ones): the step's
+    ``ingest_ms`` (the trace's figure) is their sum; the gate's timer gets each flush alone."""
+    from dspark_vllm.vllm_plugin import request_contexts
+
+    timed = []
+    contexts = request_contexts.RequestContexts(drafter=None, prefix_caching=True,
+                                                on_ingest=lambda n, ms: timed.append((n, ms)))
+    contexts.queue = types.SimpleNamespace(flush=lambda keys: 10 * len(keys))
+    clock = iter([0.0, 0.001, 5.0, 5.003])
+    monkeypatch.setattr(request_contexts.time, "perf_counter", lambda: next(clock))
+    contexts._flush([1])
+    contexts._flush([2, 3])
+    assert timed == [(10, pytest.approx(1.0)), (20, pytest.approx(3.0))]
+    assert contexts.ingest_ms == pytest.approx(4.0)

@@ -139,5 +139,6 @@ class RequestContexts:
         t0 = time.perf_counter()
         tokens = self.queue.flush(keys)
         if tokens:
-            self.ingest_ms = (time.perf_counter() - t0) * 1000.0
-            self.on_ingest(tokens, self.ingest_ms)
+            ms = (time.perf_counter() - t0) * 1000.0
+            self.ingest_ms = (self.ingest_ms or 0.0) + ms  # a step can flush twice (departures, then drafters)
+            self.on_ingest(tokens, ms)
