@@ -43,6 +43,10 @@ def main() -> None:
         from dspark_vllm.vllm_plugin import startup
 
         startup.PROPOSER_PATH = oracle_proposer.PATH
+    if args.get("dflash_peer"):  # vLLM's DFlash proposer adapted to anchor-first checkpoints
+        from dspark_vllm.bench import dflash_peer
+
+        dflash_peer.install()
     for dotted, every in (args.get("faults") or {}).items():  # fault injection: raise on every n-th call
         plant_fault(dotted, int(every))
     from vllm import LLM, SamplingParams
@@ -64,6 +68,8 @@ def main() -> None:
         if args.get("num_speculative_tokens"):
             spec["num_speculative_tokens"] = args["num_speculative_tokens"]
         kwargs["speculative_config"] = spec
+    if args.get("speculative_config"):  # any of vLLM's own methods, as given
+        kwargs["speculative_config"] = args["speculative_config"]
     llm = LLM(args["target"], dtype="float32", enforce_eager=True, max_model_len=args.get("max_model_len", 512),
               enable_prefix_caching=args.get("prefix_caching", True), disable_log_stats=False,
               max_num_seqs=args.get("max_num_seqs", 16), seed=0,

@@ -55,6 +55,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from . import dflash_peer
 from .report import benchmark_parser, free_port, run_benchmark, save_figure
 
 
@@ -193,7 +194,9 @@ def run(args: argparse.Namespace) -> dict:
     configs = [("no-spec", None, {}),
                ("dspark-fixed", spec, {"DSPARK_VLLM_CONFIG": str(fixed_yaml)}),
                ("dspark-load-aware", spec, load_aware)]
-    peers = peer_configs(args.dflash_drafter)
+    peers, peer_env = peer_configs(args.dflash_drafter), {}
+    if args.dflash_drafter and dflash_peer.is_dspark_drafter(args.dflash_drafter):
+        peers["dflash-upstream"], peer_env["dflash-upstream"] = dflash_from_dspark(args.dflash_drafter)
     if args.configs:
         known = [name for name, _, _ in configs] + list(PEERS)
         unknown = set(args.configs) - set(known)
@@ -204,7 +207,7 @@ def run(args: argparse.Namespace) -> dict:
         for name in (n for n in args.configs if n in PEERS):
             if name not in peers:
                 raise SystemExit(f"--configs {name} needs --dflash-drafter PATH (a DFlash drafter in vLLM's format)")
-            configs.append((name, peers[name], {}))
+            configs.append((name, peers[name], peer_env.get(name, {})))
     for name, yaml_path in parse_variants(args.variant or [], [name for name, _, _ in configs]):
         configs.append((name, spec, {"DSPARK_VLLM_CONFIG": yaml_path}))
     for name, tree in parse_code_trees(args.code or [], [name for name, _, _ in configs]):
@@ -248,7 +251,9 @@ def peer_configs(dflash_drafter: str | None) -> dict[str, dict]:
     bound that real traffic does not give;
     suffix-prompt: suffix decoding with the global tree off (``suffix_decoding_max_cached_requests:
     0``): each request drafts from its own prompt and output only, as n-gram and DSpark do;
-    dflash-upstream: vLLM's DFlash proposer with ``--dflash-drafter`` (vLLM's 1+N block layout)."""
+    dflash-upstream: vLLM's DFlash proposer and model with ``--dflash-drafter``, a DFlash checkpoint
+    in vLLM's format (its 1+N block layout); a DSpark drafter there is served as DFlash by
+    :func:`dflash_from_dspark` instead."""
     out = {"ngram": {"method": "ngram", "num_speculative_tokens": 5},
            "ngram-tuned": {"method": "ngram", "num_speculative_tokens": NGRAM_TUNED["k"],
                            "prompt_lookup_min": NGRAM_TUNED["min_n"], "prompt_lookup_max": NGRAM_TUNED["max_n"]},
@@ -260,6 +265,18 @@ def peer_configs(dflash_drafter: str | None) -> dict[str, dict]:
 
 
 NGRAM_TUNED = {"k": 3, "min_n": 2, "max_n": 4}
+
+
+def dflash_from_dspark(drafter: str) -> tuple[dict, dict[str, str]]:
+    """The dflash-upstream peer built from a DSpark drafter: its backbone exported as a DFlash
+    checkpoint, K = its block size, and the server's ``PYTHONPATH`` led by a ``sitecustomize``
+    that adapts vLLM's DFlash proposer to the anchor-first layout (bench/dflash_peer.py)."""
+    work = Path(tempfile.mkdtemp(prefix="dflash-peer-"))
+    model = dflash_peer.export_dflash_drafter(drafter, work / "drafter")
+    block = json.loads((model / "config.json").read_text())["block_size"]
+    site = dflash_peer.write_sitecustomize(work / "site")
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    return {"method": "dflash", "model": str(model), "num_speculative_tokens": block}, {"PYTHONPATH": path}
 
 
 def tau(counters: dict[str, float]) -> float | None:
@@ -543,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+",
                    help="subset of no-spec dspark-fixed dspark-load-aware (default: these three), plus vLLM's own "
                         f"methods as peers: {' '.join(PEERS)}")
-    p.add_argument("--dflash-drafter", help="a DFlash drafter in vLLM's format, for the dflash-upstream peer")
+    p.add_argument("--dflash-drafter", help="for the dflash-upstream peer: a DFlash drafter in vLLM's format, or a "
+                   "DSpark drafter whose backbone is served as DFlash (its Markov and confidence heads dropped)")
     p.add_argument("--kv-space-gib", type=int, default=2,
                    help="VLLM_CPU_KVCACHE_SPACE of every server (lower it when many servers share the RAM)")
     p.add_argument("--rounds", type=int, default=2,
