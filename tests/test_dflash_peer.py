@@ -1,6 +1,7 @@
 """The dflash-upstream peer: a DSpark backbone served by vLLM's own DFlash proposer and model."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,11 +39,17 @@ def test_export_refuses_a_folder_that_is_not_a_dspark_drafter(tmp_path):
         dflash_peer.export_dflash_drafter(tmp_path, tmp_path / "out")
 
 
-def test_the_peer_config_verifies_a_whole_block_and_loads_the_adapter_first_on_the_path():
+def test_the_peer_config_verifies_a_whole_block_and_installs_the_adapter_when_vllm_imports_dflash():
     spec, env = dflash_from_dspark(str(SHIPPED))
     assert spec["method"] == "dflash" and spec["num_speculative_tokens"] == 7
-    site = Path(env["PYTHONPATH"].split(":")[0])
-    assert "dflash_peer.install()" in (site / "sitecustomize.py").read_text()
+    site = env["PYTHONPATH"].split(":")[0]
+    probe = ("import sys, dspark_vllm.bench.dflash_peer as peer; "
+             "assert 'vllm' not in sys.modules and not peer._INSTALLED; "
+             "import vllm.v1.spec_decode.dflash as d; "
+             "assert peer._INSTALLED and d.DFlashProposer.set_inputs_first_pass.__module__ == peer.__name__")
+    proc = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": site},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_grouped_k_norm_uses_each_layers_own_weight():

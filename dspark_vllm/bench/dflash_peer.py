@@ -86,13 +86,45 @@ def export_dflash_drafter(drafter: str | Path, out: str | Path) -> Path:
     return out
 
 
+SITECUSTOMIZE = '''"""Runs dspark_vllm.bench.dflash_peer.install() right after vLLM's DFlash proposer is imported.
+
+Waiting for that import keeps every other Python process started with this folder on its path
+(multiprocessing helpers, compile workers) free of vLLM and torch.
+"""
+import importlib.abc
+import importlib.util
+import sys
+
+
+class _InstallAfterDFlash(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "vllm.v1.spec_decode.dflash":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        exec_module = spec.loader.exec_module
+
+        def exec_then_install(module):
+            exec_module(module)
+            from dspark_vllm.bench import dflash_peer
+
+            dflash_peer.install()
+
+        spec.loader.exec_module = exec_then_install
+        return spec
+
+
+sys.meta_path.insert(0, _InstallAfterDFlash())
+'''
+
+
 def write_sitecustomize(folder: str | Path) -> Path:
     """A ``sitecustomize.py`` in ``folder`` that runs :func:`install` in every Python process
-    started with ``folder`` on its ``PYTHONPATH`` (vLLM's API server, engine core, workers)."""
+    started with ``folder`` on its ``PYTHONPATH`` once it imports vLLM's DFlash proposer (the
+    engine core or worker that builds it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(
-        "from dspark_vllm.bench import dflash_peer\n\ndflash_peer.install()\n")
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
     return folder
 
 
