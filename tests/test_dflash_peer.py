@@ -93,3 +93,13 @@ def test_vllms_dflash_serves_the_backbone_losslessly_and_the_layout_adapter_lift
         return m["vllm:spec_decode_num_accepted_tokens_per_pos"][0] / m["vllm:spec_decode_num_drafts"]
 
     assert first_position_rate(adapted) > 1.5 * first_position_rate(unadapted)
+
+
+def test_the_backbone_in_this_projects_format_loads_without_the_heads(tmp_path):
+    from dspark_vllm.checkpoint import load_checkpoint
+
+    backbone = load_checkpoint(dflash_peer.export_backbone_drafter(SHIPPED, tmp_path / "backbone"), draft_vocab_size=0)
+    assert backbone.markov_head is None and backbone.confidence_head is None
+    ours, shipped = backbone.state_dict(), load_file(str(SHIPPED / "model.safetensors"))
+    kept = [k for k in shipped if not k.startswith(("markov_head.", "confidence_head."))]
+    assert all(torch.equal(ours[k], shipped[k]) for k in kept)

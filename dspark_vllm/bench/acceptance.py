@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -53,6 +54,12 @@ def run(args: argparse.Namespace) -> dict:
         path, _, vocab = path.partition("#")
         drafters[name] = load_checkpoint(path, target=model, dtype=torch.float32,
                                          draft_vocab_size=int(vocab) if vocab else args.draft_vocab_size)
+    for spec in args.dflash_backbone or []:
+        from . import dflash_peer
+
+        name, _, path = spec.partition("=")
+        backbone = dflash_peer.export_backbone_drafter(path, Path(tempfile.mkdtemp(prefix="dflash-backbone-")))
+        drafters[name] = load_checkpoint(backbone, target=model, dtype=torch.float32, draft_vocab_size=0)
     stop = (tok.eos_token_id,)
     results: dict = {"target": target, "rows": []}
     for data in args.data:
@@ -154,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p = benchmark_parser("dspark-vllm bench acceptance", __doc__)
     p.add_argument("--drafter", action="append", default=[],
                    help="NAME=PATH[#K], repeatable; #K drafts from the first K ids of PATH/draft_vocab.json (#0: all)")
+    p.add_argument("--dflash-backbone", action="append", metavar="NAME=PATH",
+                   help="DSpark drafter PATH without its Markov and confidence heads, full vocabulary: the DFlash "
+                        "drafter `bench serving`'s dflash-upstream peer serves from the same PATH (repeatable)")
     p.add_argument("--ngram", action="append", metavar="NAME=K:MIN:MAX",
                    help="n-gram prompt lookup as a peer (repeatable), e.g. --ngram ngram=5:5:5 (vLLM's defaults "
                         "with 5 drafts)")
@@ -183,8 +193,9 @@ def run_suite_or_data(args: argparse.Namespace) -> dict:
         args.plot = args.plot or "acceptance-suite.png"
     elif not args.data:
         raise SystemExit("bench acceptance: give --data path.jsonl[:start:stop] (repeatable) or --suite")
-    if not args.drafter and not args.ngram:
-        raise SystemExit("bench acceptance: give at least one --drafter NAME=PATH or --ngram NAME=K:MIN:MAX")
+    if not args.drafter and not args.ngram and not args.dflash_backbone:
+        raise SystemExit("bench acceptance: give at least one --drafter NAME=PATH, --dflash-backbone NAME=PATH "
+                         "or --ngram NAME=K:MIN:MAX")
     results = run(args)
     if args.suite:
         print(suite_table(results["rows"]))

@@ -63,8 +63,6 @@ def export_dflash_drafter(drafter: str | Path, out: str | Path) -> Path:
     drafter. The config gets vLLM's ``dflash_config`` (target layers, mask id) and the layout
     marker :func:`install` keys on.
     """
-    from safetensors.torch import load_file, save_file
-
     drafter, out = Path(drafter), Path(out)
     if not is_dspark_drafter(drafter):
         raise ValueError(f"{drafter} is not a DSpark drafter folder (config.json with a *DSparkModel "
@@ -76,14 +74,7 @@ def export_dflash_drafter(drafter: str | Path, out: str | Path) -> Path:
     config["dflash_config"] = {"target_layer_ids": list(config["target_layer_ids"]),
                                "mask_token_id": int(config["mask_token_id"])}
     config[LAYOUT_KEY] = ANCHOR_FIRST
-    weights = {}
-    for shard in sorted(drafter.glob("*.safetensors")):
-        weights.update({name: t for name, t in load_file(str(shard)).items()
-                        if not name.startswith(DSPARK_ONLY_PREFIXES)})
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
+    return _write_backbone(drafter, config, out)
 
 
 SITECUSTOMIZE = '''"""Runs dspark_vllm.bench.dflash_peer.install() right after vLLM's DFlash proposer is imported.
@@ -116,6 +107,32 @@ class _InstallAfterDFlash(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, _InstallAfterDFlash())
 '''
+
+
+def export_backbone_drafter(drafter: str | Path, out: str | Path) -> Path:
+    """Write ``drafter`` without its Markov and confidence heads, in this project's own format:
+    the drafter :func:`export_dflash_drafter`'s checkpoint is, for the reference decoder
+    (``bench acceptance --dflash-backbone``), so served and reference acceptance compare."""
+    drafter, out = Path(drafter), Path(out)
+    if not is_dspark_drafter(drafter):
+        raise ValueError(f"{drafter} is not a DSpark drafter folder (config.json with a *DSparkModel architecture)")
+    config = json.loads((drafter / "config.json").read_text())
+    config.update(markov_rank=0, enable_confidence_head=False, confidence_head_with_markov=False)
+    return _write_backbone(drafter, config, out)
+
+
+def _write_backbone(drafter: Path, config: dict, out: Path) -> Path:
+    """``config`` and ``drafter``'s tensors less the DSpark-only heads, bit for bit, into ``out``."""
+    from safetensors.torch import load_file, save_file
+
+    weights = {}
+    for shard in sorted(drafter.glob("*.safetensors")):
+        weights.update({name: t for name, t in load_file(str(shard)).items()
+                        if not name.startswith(DSPARK_ONLY_PREFIXES)})
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
 
 
 def write_sitecustomize(folder: str | Path) -> Path:
