@@ -176,3 +176,34 @@ def test_prompts_the_server_would_refuse_are_left_out_with_a_count(capsys):
     kept = fitting_prompts(["What is 2 + 2?", long, "Name a colour."], str(smollm2_path()), 96, "set")
     assert kept == ["What is 2 + 2?", "Name a colour."]
     assert "set: 1 of 3 prompts left out" in capsys.readouterr().out
+
+
+def test_stopping_a_server_ends_its_whole_process_group(tmp_path):
+    """A vLLM server's engine core and workers are its children; stopped mid start-up they used to
+    outlive the API server and keep their memory. A child that ignores SIGTERM is killed too."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from dspark_vllm.bench.serving import stop_process_group
+
+    pid_file = tmp_path / "child.pid"
+    child = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)")
+    leader = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(600)"
+    proc = subprocess.Popen([sys.executable, "-c", leader], start_new_session=True)
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    stop_process_group(proc, timeout=2)
+    assert proc.returncode is not None
+    time.sleep(0.2)
+    try:
+        os.kill(child_pid, 0)
+        alive = open(f"/proc/{child_pid}/stat").read().split()[2] != "Z"  # a zombie waits for init to reap it
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "the SIGTERM-ignoring child outlived stop_process_group"

@@ -47,6 +47,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -94,8 +95,10 @@ class Server:
         if spec:
             cmd += ["--speculative-config", json.dumps(spec)]
         self.log = open(log, "w")
+        # Its own process group: stop() ends the engine core and workers with the API server, even
+        # when it is stopped mid start-up (they would otherwise outlive it and hold their memory).
         self.proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib), **env},
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_healthy(self, timeout: float = 300) -> None:
         deadline = time.time() + timeout
@@ -107,7 +110,10 @@ class Server:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"vllm serve exited (rc={self.proc.returncode}); see {self.log.name}")
                 if time.time() > deadline:
-                    raise TimeoutError("vllm serve did not become healthy")
+                    raise TimeoutError(
+                        f"vllm serve was not healthy after {timeout:.0f} s ({self.log.name}; memory available now: "
+                        f"{available_memory_gib():.1f} GiB). Every configuration's server stays up for the "
+                        "round, so on a small machine run fewer --configs or a smaller --kv-space-gib.")
                 time.sleep(1)
 
     def metrics(self) -> dict[str, float]:
@@ -133,12 +139,45 @@ class Server:
         return {k: v for k, v in self.metrics().items() if k.split("{")[0].endswith("_total")}
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process_group(self.proc)
         self.log.close()
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM to ``proc``'s process group (started with ``start_new_session``); SIGKILL to what is
+    left of the group ``timeout`` seconds later (its members get that long to clean up, whether or
+    not ``proc`` exits first)."""
+    group = proc.pid  # a session leader's process group id is its pid
+    try:
+        os.killpg(group, signal.SIGTERM)
+    except ProcessLookupError:
+        proc.wait()
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        proc.poll()  # reap the leader, or the group never empties
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def available_memory_gib() -> float:
+    """MemAvailable from /proc/meminfo in GiB (nan where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
 
 
 def counter_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
