@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_result import engine_result
 from safetensors.torch import load_file
 
 from dspark_vllm.bench import dflash_peer
@@ -69,11 +70,8 @@ def test_grouped_k_norm_uses_each_layers_own_weight():
 
 
 def run_engine(**args) -> dict:
-    proc = subprocess.run([sys.executable, ENGINE, json.dumps(args)], capture_output=True, text=True, timeout=600)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise AssertionError(f"engine failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    return engine_result(subprocess.run([sys.executable, ENGINE, json.dumps(args)], capture_output=True, text=True,
+                                        timeout=600))
 
 
 @pytest.mark.slow

@@ -29,12 +29,11 @@ drafter (exported here), and loads :func:`install` into that one server through 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("vllm.dspark")
+from ..drafter_config import SUPPORTED_ARCHS
 
 LAYOUT_KEY = "dspark_vllm_block_layout"
 ANCHOR_FIRST = "anchor_first"
@@ -47,12 +46,21 @@ DFLASH_ARCHITECTURE = "DFlashDraftModel"
 
 
 def is_dspark_drafter(path: str | Path) -> bool:
-    """True for a DeepSpec-format DSpark drafter folder (a ``*DSparkModel`` architecture)."""
+    """True for a DeepSpec-format DSpark drafter folder (an architecture this project loads)."""
     config = Path(path) / "config.json"
     if not config.exists():
         return False
     archs = json.loads(config.read_text()).get("architectures") or []
-    return any(a.endswith("DSparkModel") for a in archs)
+    return any(a in SUPPORTED_ARCHS for a in archs)
+
+
+def _dspark_config(drafter: Path) -> dict:
+    """``drafter``'s config.json, refused with a message unless it is a DSpark drafter folder."""
+    if not is_dspark_drafter(drafter):
+        raise ValueError(f"{drafter} is not a DSpark drafter folder (config.json naming one of "
+                         f"{', '.join(SUPPORTED_ARCHS)}); for dflash-upstream pass a DFlash checkpoint in vLLM's "
+                         "format instead")
+    return json.loads((drafter / "config.json").read_text())
 
 
 def export_dflash_drafter(drafter: str | Path, out: str | Path) -> Path:
@@ -64,10 +72,7 @@ def export_dflash_drafter(drafter: str | Path, out: str | Path) -> Path:
     marker :func:`install` keys on.
     """
     drafter, out = Path(drafter), Path(out)
-    if not is_dspark_drafter(drafter):
-        raise ValueError(f"{drafter} is not a DSpark drafter folder (config.json with a *DSparkModel "
-                         "architecture); pass a DFlash checkpoint in vLLM's format instead")
-    config = json.loads((drafter / "config.json").read_text())
+    config = _dspark_config(drafter)
     for key in DSPARK_ONLY_CONFIG_KEYS:
         config.pop(key, None)
     config["architectures"] = [DFLASH_ARCHITECTURE]
@@ -114,9 +119,7 @@ def export_backbone_drafter(drafter: str | Path, out: str | Path) -> Path:
     the drafter :func:`export_dflash_drafter`'s checkpoint is, for the reference decoder
     (``bench acceptance --dflash-backbone``), so served and reference acceptance compare."""
     drafter, out = Path(drafter), Path(out)
-    if not is_dspark_drafter(drafter):
-        raise ValueError(f"{drafter} is not a DSpark drafter folder (config.json with a *DSparkModel architecture)")
-    config = json.loads((drafter / "config.json").read_text())
+    config = _dspark_config(drafter)
     config.update(markov_rank=0, enable_confidence_head=False, confidence_head_with_markov=False)
     return _write_backbone(drafter, config, out)
 
